@@ -1,0 +1,284 @@
+"""Model configuration: frozen, documented, validated dataclasses.
+
+`ModelConfig` is the single description of a DeepSeek-family model. It converts from and to
+HuggingFace `config.json` dictionaries (`from_hf` / `to_hf`) and from the nested dictionaries
+of ml_collections experiment configs (`from_dict`). Validation messages say what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
+_TOPK_ALIASES = {"group_limited": "group_limited_greedy"}
+_DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+
+
+def _check(cond: bool, message: str) -> None:
+  if not cond:
+    raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+  """Rotary position embedding, optionally YaRN-scaled (DeepSeek-V2/V3 use YaRN).
+
+  Attributes:
+    theta: base wavelength of the rotary frequencies.
+    type: "default" (plain RoPE) or "yarn".
+    factor: YaRN context-extension factor s.
+    original_max_position_embeddings: pre-extension context length the model was trained at.
+    beta_fast: YaRN high-frequency boundary (rotations), 32 in DeepSeek.
+    beta_slow: YaRN low-frequency boundary (rotations), 1 in DeepSeek.
+    mscale: YaRN magnitude scale for the rotary part (cos/sin are multiplied by
+      mscale(factor, mscale) / mscale(factor, mscale_all_dim)).
+    mscale_all_dim: magnitude scale applied to the softmax scale as mscale(factor, m)^2.
+    interleave: rotary pairs are adjacent dims (x0,x1),(x2,x3)... as in DeepSeek's reference;
+      False uses the half-split (rotate_half) layout.
+  """
+
+  theta: float = 10000.0
+  type: Literal["default", "yarn"] = "default"
+  factor: float = 1.0
+  original_max_position_embeddings: int = 4096
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 1.0
+  mscale_all_dim: float = 0.0
+  interleave: bool = True
+
+  def __post_init__(self):
+    _check(self.type in ("default", "yarn"),
+           f"rope.type={self.type!r} is not supported; use 'default' or 'yarn'.")
+    _check(self.theta > 0, f"rope.theta={self.theta} must be > 0.")
+    if self.type == "yarn":
+      _check(self.factor >= 1.0, f"rope.factor={self.factor} must be >= 1 for YaRN.")
+      _check(self.original_max_position_embeddings > 0,
+             "rope.original_max_position_embeddings must be > 0 for YaRN.")
+      _check(self.beta_fast > self.beta_slow > 0,
+             f"rope.beta_fast={self.beta_fast} must exceed rope.beta_slow={self.beta_slow} > 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+  """Multi-head Latent Attention dimensions.
+
+  Attributes:
+    q_lora_rank: rank of the query down-projection (wq_a -> q_norm -> wq_b); None projects
+      queries directly with wq (DeepSeek-V2-Lite, Moonlight).
+    kv_lora_rank: C, width of the normalised KV latent that the decode cache stores.
+    qk_nope_head_dim: per-head query/key dims without rotary embedding.
+    qk_rope_head_dim: R, per-head rotary dims; the rotary key is one shared head.
+    v_head_dim: per-head value dims.
+  """
+
+  q_lora_rank: int | None = None
+  kv_lora_rank: int = 512
+  qk_nope_head_dim: int = 128
+  qk_rope_head_dim: int = 64
+  v_head_dim: int = 128
+
+  def __post_init__(self):
+    _check(self.q_lora_rank is None or self.q_lora_rank > 0,
+           f"mla.q_lora_rank={self.q_lora_rank} must be positive, or None for a direct query.")
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+      _check(getattr(self, name) > 0, f"mla.{name}={getattr(self, name)} must be > 0.")
+    _check(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+           f"mla.qk_rope_head_dim={self.qk_rope_head_dim} must be a positive even number "
+           "(rotary dims come in pairs).")
+
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """DeepSeekMoE: shared experts plus fine-grained routed experts.
+
+  Attributes:
+    n_routed_experts: E, routed experts per MoE layer.
+    n_shared_experts: experts every token uses; fused into one MLP of width
+      n_shared_experts * moe_intermediate_size.
+    num_experts_per_tok: K, routed experts chosen per token.
+    moe_intermediate_size: F of each expert's SwiGLU.
+    n_group: expert groups for group-limited routing (1 = no grouping).
+    topk_group: groups a token may route into.
+    scoring_func: "sigmoid" (V3) or "softmax" (V2) router scores.
+    topk_method: "greedy" (plain top-k), "group_limited_greedy" (V2: group score = max) or
+      "noaux_tc" (V3: group score = sum of top-2 biased scores; bias for selection only).
+    norm_topk_prob: renormalise the K chosen weights to sum to 1.
+    routed_scaling_factor: multiplier on the routed-expert weights.
+    first_k_dense_replace: the first k layers use a dense MLP instead of MoE.
+    impl: dispatch implementation: "dense" (every expert on every token, masked; fast on CPU
+      for few experts), "ragged" (dropless sort-by-expert + lax.ragged_dot, for TPU/GPU), or
+      "auto" (dense on CPU, ragged elsewhere).
+  """
+
+  n_routed_experts: int = 64
+  n_shared_experts: int = 2
+  num_experts_per_tok: int = 6
+  moe_intermediate_size: int = 1408
+  n_group: int = 1
+  topk_group: int = 1
+  scoring_func: Literal["sigmoid", "softmax"] = "softmax"
+  topk_method: TopkMethod = "greedy"
+  norm_topk_prob: bool = False
+  routed_scaling_factor: float = 1.0
+  first_k_dense_replace: int = 1
+  impl: Literal["auto", "dense", "ragged"] = "auto"
+
+  def __post_init__(self):
+    object.__setattr__(self, "topk_method", _TOPK_ALIASES.get(self.topk_method, self.topk_method))
+    _check(self.scoring_func in ("sigmoid", "softmax"),
+           f"moe.scoring_func={self.scoring_func!r}; use 'sigmoid' or 'softmax'.")
+    _check(self.topk_method in ("greedy", "group_limited_greedy", "noaux_tc"),
+           f"moe.topk_method={self.topk_method!r}; use 'greedy', 'group_limited_greedy' or "
+           "'noaux_tc'.")
+    _check(self.impl in ("auto", "dense", "ragged"),
+           f"moe.impl={self.impl!r}; use 'auto', 'dense' or 'ragged'.")
+    _check(self.n_routed_experts > 0 and self.moe_intermediate_size > 0,
+           "moe.n_routed_experts and moe.moe_intermediate_size must be > 0.")
+    _check(self.n_shared_experts >= 0, "moe.n_shared_experts must be >= 0.")
+    _check(0 < self.num_experts_per_tok <= self.n_routed_experts,
+           f"moe.num_experts_per_tok={self.num_experts_per_tok} must be in "
+           f"[1, n_routed_experts={self.n_routed_experts}].")
+    _check(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
+           f"moe.n_routed_experts={self.n_routed_experts} is not divisible by "
+           f"moe.n_group={self.n_group}; pick n_group dividing the expert count.")
+    _check(1 <= self.topk_group <= self.n_group,
+           f"moe.topk_group={self.topk_group} must be in [1, n_group={self.n_group}].")
+    per_group = self.n_routed_experts // self.n_group
+    if self.topk_method != "greedy":
+      _check(self.topk_group * per_group >= self.num_experts_per_tok,
+             f"moe.topk_group={self.topk_group} groups of {per_group} experts cannot supply "
+             f"num_experts_per_tok={self.num_experts_per_tok}; raise topk_group.")
+    if self.topk_method == "noaux_tc":
+      _check(per_group >= 2, "moe.topk_method='noaux_tc' scores a group by its top-2 experts; "
+             "each group needs >= 2 experts (lower n_group).")
+    _check(self.first_k_dense_replace >= 0, "moe.first_k_dense_replace must be >= 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A DeepSeek-family decoder (V2, V3/R1, Moonlight).
+
+  Attributes:
+    vocab_size: V.
+    hidden_size: D, model width.
+    num_hidden_layers: decoder layers of the main model (MTP modules not included).
+    num_attention_heads: N.
+    intermediate_size: F of the dense SwiGLU MLP (first_k_dense_replace layers).
+    mla: attention dimensions.
+    rope: rotary embedding.
+    moe: routed experts; None makes every layer dense.
+    num_mtp_layers: multi-token-prediction modules (DeepSeek-V3 has 1).
+    max_position_embeddings: longest sequence the model accepts.
+    rms_norm_eps: RMSNorm epsilon.
+    tie_word_embeddings: share the input embedding with the output head.
+    initializer_range: std of the normal initialiser.
+    bos_token_id / eos_token_id: special token ids (eos may be a tuple).
+    dtype: activation/compute dtype; param_dtype: parameter storage dtype.
+    scan_layers: run each layer stack with lax.scan (False unrolls; results are equal).
+    remat_policy: activation checkpointing per layer: "none", "full", "dots",
+      "dots_with_no_batch_dims".
+  """
+
+  vocab_size: int = 102400
+  hidden_size: int = 2048
+  num_hidden_layers: int = 27
+  num_attention_heads: int = 16
+  intermediate_size: int = 10944
+  mla: MLAConfig = dataclasses.field(default_factory=MLAConfig)
+  rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
+  moe: MoEConfig | None = dataclasses.field(default_factory=MoEConfig)
+  num_mtp_layers: int = 0
+  max_position_embeddings: int = 4096
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  initializer_range: float = 0.02
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "intermediate_size", "max_position_embeddings"):
+      _check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be > 0.")
+    _check(self.num_mtp_layers >= 0, "num_mtp_layers must be >= 0.")
+    _check(self.rms_norm_eps > 0, "rms_norm_eps must be > 0.")
+    _check(self.dtype in _DTYPES and self.param_dtype in _DTYPES,
+           f"dtype={self.dtype!r}, param_dtype={self.param_dtype!r}; use one of {_DTYPES}.")
+    _check(self.remat_policy in REMAT_POLICIES,
+           f"remat_policy={self.remat_policy!r}; use one of {REMAT_POLICIES}.")
+    if isinstance(self.eos_token_id, list):
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    if self.moe is not None:
+      _check(self.moe.first_k_dense_replace <= self.num_hidden_layers,
+             f"moe.first_k_dense_replace={self.moe.first_k_dense_replace} exceeds "
+             f"num_hidden_layers={self.num_hidden_layers}.")
+    if self.rope.type == "yarn":
+      _check(self.rope.original_max_position_embeddings <= self.max_position_embeddings,
+             f"rope.original_max_position_embeddings={self.rope.original_max_position_embeddings}"
+             f" exceeds max_position_embeddings={self.max_position_embeddings}.")
+
+  # ---- derived sizes ----
+  @property
+  def num_dense_layers(self) -> int:
+    return self.num_hidden_layers if self.moe is None else self.moe.first_k_dense_replace
+
+  @property
+  def num_moe_layers(self) -> int:
+    return self.num_hidden_layers - self.num_dense_layers
+
+  @property
+  def softmax_scale(self) -> float:
+    """1/sqrt(qk_head_dim), times mscale(factor, mscale_all_dim)^2 under YaRN."""
+    scale = self.mla.qk_head_dim ** -0.5
+    if self.rope.type == "yarn" and self.rope.mscale_all_dim:
+      m = yarn_mscale(self.rope.factor, self.rope.mscale_all_dim)
+      scale *= m * m
+    return scale
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  # ---- conversions ----
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    """Builds from a (possibly nested) dict, e.g. an ml_collections `config.model`."""
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    _check(not unknown, f"Unknown ModelConfig fields {sorted(unknown)}; check for typos.")
+    for key, sub in (("mla", MLAConfig), ("rope", RopeConfig), ("moe", MoEConfig)):
+      if isinstance(d.get(key), dict) or hasattr(d.get(key), "to_dict"):
+        value = d[key].to_dict() if hasattr(d[key], "to_dict") else dict(d[key])
+        bad = set(value) - {f.name for f in dataclasses.fields(sub)}
+        _check(not bad, f"Unknown {key} fields {sorted(bad)}; check for typos.")
+        d[key] = sub(**value)
+    return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+    """Builds from a HuggingFace DeepseekV2/V3 `config.json` dictionary."""
+    from dsjax.checkpoint import hf_config  # local import: keeps this module free of conversion tables
+    return hf_config.from_hf(hf)
+
+  def to_hf(self) -> dict[str, Any]:
+    """A `config.json` dictionary for transformers' DeepseekV3ForCausalLM / V2."""
+    from dsjax.checkpoint import hf_config
+    return hf_config.to_hf(self)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+  """YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 when factor <= 1)."""
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0

@@ -1,0 +1,77 @@
+"""Multi-head Latent Attention, training / prefill path (keys and values expanded).
+
+Queries: x -> wq_a -> q_norm -> wq_b (or x -> wq), split into a no-rope part and a rope part.
+Keys/values: x -> wkv_a -> [c_kv (C) | k_pe (R)]; c_kv -> kv_norm -> wkv_b -> [k_nope | v] per
+head; k_pe is one rotary key shared by all heads. The decode cache (dsjax.infer) stores only the
+normalised c_kv and the rotated k_pe: C + R values per token per layer.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.config import ModelConfig
+from dsjax.model.norm import RMSNorm
+from dsjax.model.param import normal_param
+from dsjax.ops.attention import dot_product_attention
+from dsjax.ops.rope import apply_rope
+
+
+class MLA(nnx.Module):
+  """x [B,T,D] -> [B,T,D] with rotary cos/sin [B,T,R/2] and a bool mask [B,1,T,S]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    mla, d, n = cfg.mla, cfg.hidden_size, cfg.num_attention_heads
+    std, pdt = cfg.initializer_range, cfg.param_dtype
+    if mla.q_lora_rank is None:
+      self.wq = normal_param(rngs, (d, n, mla.qk_head_dim), ("embed", "heads", "head_dim"), std, pdt)
+    else:
+      self.wq_a = normal_param(rngs, (d, mla.q_lora_rank), ("embed", "q_lora"), std, pdt)
+      self.q_norm = RMSNorm(mla.q_lora_rank, cfg.rms_norm_eps, "q_lora", pdt)
+      self.wq_b = normal_param(rngs, (mla.q_lora_rank, n, mla.qk_head_dim),
+                               ("q_lora", "heads", "head_dim"), std, pdt)
+    self.wkv_a = normal_param(rngs, (d, mla.kv_lora_rank + mla.qk_rope_head_dim),
+                              ("embed", "kv_lora"), std, pdt)
+    self.kv_norm = RMSNorm(mla.kv_lora_rank, cfg.rms_norm_eps, "kv_lora", pdt)
+    self.wkv_b = normal_param(rngs, (mla.kv_lora_rank, n, mla.qk_nope_head_dim + mla.v_head_dim),
+                              ("kv_lora", "heads", "head_dim"), std, pdt)
+    self.wo = normal_param(rngs, (n, mla.v_head_dim, d), ("heads", "head_dim", "embed"), std, pdt)
+    self.mla = mla
+    self.interleave = cfg.rope.interleave
+    self.scale = cfg.softmax_scale
+    self.dtype = cfg.dtype
+
+  def _w(self, name: str) -> jax.Array:
+    return getattr(self, name)[...].astype(self.dtype)
+
+  def project_queries(self, x, cos, sin) -> tuple[jax.Array, jax.Array]:
+    """q_nope [B,T,N,H_nope] and rotated q_pe [B,T,N,R]."""
+    if self.mla.q_lora_rank is None:
+      q = jnp.einsum("BTD,DNH->BTNH", x, self._w("wq"))
+    else:
+      q_latent = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x, self._w("wq_a")))
+      q = jnp.einsum("BTQ,QNH->BTNH", q_latent, self._w("wq_b"))
+    q_nope, q_pe = jnp.split(q, [self.mla.qk_nope_head_dim], axis=-1)
+    return q_nope, apply_rope(q_pe, cos, sin, self.interleave)
+
+  def project_latent(self, x, cos, sin) -> tuple[jax.Array, jax.Array]:
+    """What the decode cache stores: normalised c_kv [B,T,C] and rotated k_pe [B,T,R]."""
+    kv = jnp.einsum("BTD,DC->BTC", x, self._w("wkv_a"))
+    c_kv, k_pe = jnp.split(kv, [self.mla.kv_lora_rank], axis=-1)
+    k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.interleave)[:, :, 0, :]
+    return self.kv_norm(c_kv), k_pe
+
+  def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask) -> jax.Array:
+    """Naive MLA attention: expand keys/values from the latent, then softmax attention."""
+    kv = jnp.einsum("BSC,CNH->BSNH", c_kv, self._w("wkv_b"))
+    k_nope, v = jnp.split(kv, [self.mla.qk_nope_head_dim], axis=-1)
+    k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:-1] + k_pe.shape[-1:])
+    q = jnp.concatenate([q_nope, q_pe], axis=-1)
+    k = jnp.concatenate([k_nope, k_pe], axis=-1)
+    out = dot_product_attention(q, k, v, mask, self.scale)
+    return jnp.einsum("BTNH,NHD->BTD", out, self._w("wo"))
+
+  def __call__(self, x, cos, sin, mask) -> jax.Array:
+    q_nope, q_pe = self.project_queries(x, cos, sin)
+    c_kv, k_pe = self.project_latent(x, cos, sin)
+    return self.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask)

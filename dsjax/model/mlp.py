@@ -1,0 +1,22 @@
+"""Dense SwiGLU MLP (DeepSeek names: w1 gate, w3 up, w2 down)."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.model.param import normal_param
+
+
+class MLP(nnx.Module):
+  """w2(silu(x w1) * (x w3)); x [B,T,D] -> [B,T,D]."""
+
+  def __init__(self, dim: int, hidden: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs):
+    self.w1 = normal_param(rngs, (dim, hidden), ("embed", "mlp"), std, param_dtype)
+    self.w3 = normal_param(rngs, (dim, hidden), ("embed", "mlp"), std, param_dtype)
+    self.w2 = normal_param(rngs, (hidden, dim), ("mlp", "embed"), std, param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w1, w3, w2 = (w[...].astype(self.dtype) for w in (self.w1, self.w3, self.w2))
+    h = jax.nn.silu(jnp.einsum("...D,DF->...F", x, w1)) * jnp.einsum("...D,DF->...F", x, w3)
+    return jnp.einsum("...F,FD->...D", h, w2)

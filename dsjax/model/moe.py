@@ -1,0 +1,59 @@
+"""DeepSeekMoE layer: shared experts + routed experts with aux-loss-free bias routing."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.config import ModelConfig
+from dsjax.model.mlp import MLP
+from dsjax.model.param import AXES, RouterBias, normal_param
+from dsjax.ops import moe_dispatch
+from dsjax.ops.routing import Routing, route
+
+
+def resolve_impl(impl: str) -> str:
+  """'auto' -> 'dense' on CPU (ragged_dot is emulated densely there), 'ragged' elsewhere."""
+  if impl != "auto":
+    return impl
+  return "dense" if jax.default_backend() == "cpu" else "ragged"
+
+
+class MoE(nnx.Module):
+  """x [B,T,D] -> ([B,T,D], Routing over the B*T tokens)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    moe, d = cfg.moe, cfg.hidden_size
+    e, f = moe.n_routed_experts, moe.moe_intermediate_size
+    std, pdt = cfg.initializer_range, cfg.param_dtype
+    self.gate = normal_param(rngs, (d, e), ("embed", "experts"), std, pdt)
+    self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32), **{AXES: ("experts",)})
+    self.w1 = normal_param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pdt)
+    self.w3 = normal_param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pdt)
+    self.w2 = normal_param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, pdt)
+    self.shared_experts = nnx.data(
+        MLP(d, moe.n_shared_experts * f, std=std, dtype=cfg.dtype, param_dtype=pdt, rngs=rngs)
+        if moe.n_shared_experts else None)
+    self.moe = moe
+    self.dtype = cfg.dtype
+
+  def route(self, x: jax.Array) -> Routing:
+    """Routing of x [M,D]; router logits in float32 as in DeepSeek's reference."""
+    logits = jnp.einsum("MD,DE->ME", x.astype(jnp.float32), self.gate[...].astype(jnp.float32))
+    return route(logits, self.router_bias[...], self.moe)
+
+  def __call__(self, x: jax.Array, impl: str | None = None) -> tuple[jax.Array, Routing]:
+    b, t, d = x.shape
+    tokens = x.reshape(b * t, d)
+    routing = self.route(tokens)
+    w1, w3, w2 = (w[...].astype(self.dtype) for w in (self.w1, self.w3, self.w2))
+    impl = resolve_impl(impl or self.moe.impl)
+    if impl == "dense":
+      y = moe_dispatch.experts_dense(tokens, routing.expert_ids, routing.expert_weights, w1, w3, w2)
+    elif impl == "ragged":
+      y = moe_dispatch.experts_sorted(tokens, routing.expert_ids, routing.expert_weights, w1, w3, w2)
+    else:
+      raise ValueError(f"moe impl={impl!r}; use 'auto', 'dense' or 'ragged'.")
+    y = y.reshape(b, t, d).astype(x.dtype)
+    if self.shared_experts is not None:
+      y = y + self.shared_experts(x)
+    return y, routing

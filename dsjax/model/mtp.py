@@ -1,0 +1,34 @@
+"""DeepSeek-V3 multi-token prediction module.
+
+h_k = shared_head.norm(block(eh_proj([enorm(emb(t_{i+k})); hnorm(h_{k-1,i})])))
+with the main model's embedding and output head shared; h_0 is the main model's final
+(normalised) hidden state, the convention of transformers' MtpModel and vLLM.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.config import ModelConfig
+from dsjax.model.block import Block
+from dsjax.model.norm import RMSNorm
+from dsjax.model.param import normal_param
+
+
+class MTPModule(nnx.Module):
+  """(embedded next tokens [B,T,D], previous hidden [B,T,D]) -> normalised hidden [B,T,D]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, eps, pdt = cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype
+    self.enorm = RMSNorm(d, eps, "embed", pdt)
+    self.hnorm = RMSNorm(d, eps, "embed", pdt)
+    self.eh_proj = normal_param(rngs, (2 * d, d), (None, "embed"), cfg.initializer_range, pdt)
+    self.block = Block(cfg, use_moe=cfg.moe is not None, rngs=rngs)
+    self.norm = RMSNorm(d, eps, "embed", pdt)  # DeepSeek's shared_head.norm
+    self.dtype = cfg.dtype
+
+  def __call__(self, embedded, hidden, cos, sin, mask, moe_impl=None) -> jax.Array:
+    x = jnp.concatenate([self.enorm(embedded), self.hnorm(hidden)], axis=-1)
+    x = jnp.einsum("BTI,ID->BTD", x, self.eh_proj[...].astype(self.dtype))
+    x, _ = self.block(x, cos, sin, mask, moe_impl)
+    return self.norm(x)

@@ -1,0 +1,106 @@
+"""dsjax.Transformer: embedding -> dense stack -> MoE stack -> norm -> head (+ MTP modules)."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.config import ModelConfig
+from dsjax.model.mtp import MTPModule
+from dsjax.model.norm import RMSNorm
+from dsjax.model.param import normal_param
+from dsjax.model.stack import LayerStack
+from dsjax.ops.attention import attention_mask
+from dsjax.ops.rope import rope_cos_sin
+from dsjax.ops.routing import Routing
+
+
+class ModelOutput(NamedTuple):
+  """logits [B,T,V]; hidden [B,T,D] (final, normalised); routing of the MoE layers stacked as
+  [L_moe, B*T, ...] (None without MoE layers)."""
+  logits: jax.Array
+  hidden: jax.Array
+  routing: Routing | None
+
+
+class Transformer(nnx.Module):
+  """A DeepSeek-V2/V3-family decoder. `model(input_ids int32[B,T]) -> logits float[B,T,V]`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, std, pdt = cfg.hidden_size, cfg.initializer_range, cfg.param_dtype
+    self.config = cfg
+    self.embed = normal_param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), std, pdt)
+    self.dense_layers = nnx.data(LayerStack(cfg, False, cfg.num_dense_layers, rngs=rngs)
+                                 if cfg.num_dense_layers else None)
+    self.moe_layers = nnx.data(LayerStack(cfg, True, cfg.num_moe_layers, rngs=rngs)
+                               if cfg.num_moe_layers else None)
+    self.norm = RMSNorm(d, cfg.rms_norm_eps, "embed", pdt)
+    self.head = nnx.data(None if cfg.tie_word_embeddings
+                         else normal_param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), std, pdt))
+    self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.num_mtp_layers)])
+
+  # ---- pieces ----
+  def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embed[...], input_ids, axis=0).astype(self.config.dtype)
+
+  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    head = self.embed[...].T if self.head is None else self.head[...]
+    return jnp.einsum("BTD,DV->BTV", hidden, head.astype(self.config.dtype))
+
+  def _rope_and_mask(self, positions, segment_ids):
+    cos, sin = rope_cos_sin(positions, self.config.rope, self.config.mla.qk_rope_head_dim)
+    return cos, sin, attention_mask(positions, positions, segment_ids, segment_ids)
+
+  @staticmethod
+  def default_positions(input_ids: jax.Array) -> jax.Array:
+    b, t = input_ids.shape
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+  # ---- forward passes ----
+  def forward(self, input_ids: jax.Array, positions: jax.Array | None = None,
+              segment_ids: jax.Array | None = None, moe_impl: str | None = None,
+              scan: bool | None = None) -> ModelOutput:
+    """Full forward pass with hidden states and routing. positions int[B,T] default to
+    0..T-1; segment_ids int[B,T] (0 = padding) restrict attention to one packed sequence."""
+    self._check_input(input_ids)
+    positions = self.default_positions(input_ids) if positions is None else positions
+    cos, sin, mask = self._rope_and_mask(positions, segment_ids)
+    x = self.embed_tokens(input_ids)
+    routing = None
+    if self.dense_layers is not None:
+      x, _ = self.dense_layers(x, cos, sin, mask, moe_impl, scan)
+    if self.moe_layers is not None:
+      x, routing = self.moe_layers(x, cos, sin, mask, moe_impl, scan)
+    hidden = self.norm(x)
+    return ModelOutput(self.logits_from_hidden(hidden), hidden, routing)
+
+  def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    return self.forward(input_ids, positions, segment_ids).logits
+
+  def mtp_logits(self, input_ids: jax.Array, hidden: jax.Array | None = None,
+                 positions: jax.Array | None = None, moe_impl: str | None = None
+                 ) -> list[jax.Array]:
+    """Logits of each MTP depth k = 1..num_mtp_layers: a list of [B,T-k,V] arrays whose
+    position i predicts token i+k+1 (depth k pairs hidden state i with token i+k).
+    `hidden` is the main model's final hidden [B,T,D] (computed if not given)."""
+    if not len(self.mtp):
+      raise ValueError("This model has num_mtp_layers=0; set num_mtp_layers >= 1 for MTP.")
+    positions = self.default_positions(input_ids) if positions is None else positions
+    if hidden is None:
+      hidden = self.forward(input_ids, positions, moe_impl=moe_impl).hidden
+    outputs = []
+    for k, module in enumerate(self.mtp, start=1):
+      pos = positions[:, k:]
+      cos, sin, mask = self._rope_and_mask(pos, None)
+      hidden = module(self.embed_tokens(input_ids[:, k:]), hidden[:, :-1], cos, sin, mask, moe_impl)
+      outputs.append(self.logits_from_hidden(hidden))
+    return outputs
+
+  def _check_input(self, input_ids) -> None:
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be int[B,T]; got shape {input_ids.shape}.")
+    if input_ids.shape[1] > self.config.max_position_embeddings:
+      raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
+                       f"{self.config.max_position_embeddings}; shorten the input.")
