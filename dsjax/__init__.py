@@ -2,6 +2,7 @@
 
 from dsjax.checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from dsjax.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from dsjax.experiment import load_config
 from dsjax.model import ModelOutput, Transformer
 
-__all__ = ["load_hf_checkpoint", "save_hf_checkpoint", "MLAConfig", "ModelConfig", "MoEConfig", "ModelOutput", "RopeConfig", "Transformer"]
+__all__ = ["load_hf_checkpoint", "save_hf_checkpoint", "load_config", "MLAConfig", "ModelConfig", "MoEConfig", "ModelOutput", "RopeConfig", "Transformer"]

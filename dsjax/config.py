@@ -217,16 +217,23 @@ class ModelConfig:
            f"dtype={self.dtype!r}, param_dtype={self.param_dtype!r}; use one of {_DTYPES}.")
     _check(self.remat_policy in REMAT_POLICIES,
            f"remat_policy={self.remat_policy!r}; use one of {REMAT_POLICIES}.")
+    for name, cls in (("mla", MLAConfig), ("rope", RopeConfig), ("moe", MoEConfig)):
+      value = getattr(self, name)
+      _check(isinstance(value, cls) or (name == "moe" and value is None),
+             f"{name}={value!r} must be a {cls.__name__}; build nested dicts with "
+             "ModelConfig.from_dict.")
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
     if self.moe is not None:
       _check(self.moe.first_k_dense_replace <= self.num_hidden_layers,
              f"moe.first_k_dense_replace={self.moe.first_k_dense_replace} exceeds "
-             f"num_hidden_layers={self.num_hidden_layers}.")
+             f"num_hidden_layers={self.num_hidden_layers}; lower first_k_dense_replace or "
+             "add layers.")
     if self.rope.type == "yarn":
       _check(self.rope.original_max_position_embeddings <= self.max_position_embeddings,
              f"rope.original_max_position_embeddings={self.rope.original_max_position_embeddings}"
-             f" exceeds max_position_embeddings={self.max_position_embeddings}.")
+             f" exceeds max_position_embeddings={self.max_position_embeddings}; raise "
+             "max_position_embeddings (DeepSeek uses rope.factor * that) or lower the original.")
 
   # ---- derived sizes ----
   @property

@@ -1,0 +1,29 @@
+"""DeepSeek-V3 (671B total, 37B activated; +14B MTP module): the hyper-parameters of
+deepseek-ai/DeepSeek-V3's config.json. Pre-training recipe values from the V3 report
+(lr 2.2e-4, 2K warmup steps, weight decay 0.1, clip 1.0, 4K sequences)."""
+
+from dsjax.experiment import experiment_config
+
+
+def get_config():
+  model = dict(
+      vocab_size=129280, hidden_size=7168, intermediate_size=18432, num_hidden_layers=61,
+      num_attention_heads=128,
+      mla=dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+               v_head_dim=128),
+      rope=dict(theta=10000.0, type="yarn", factor=40.0, original_max_position_embeddings=4096,
+                beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+      moe=dict(n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
+               moe_intermediate_size=2048, n_group=8, topk_group=4, scoring_func="sigmoid",
+               topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5,
+               first_k_dense_replace=3),
+      num_mtp_layers=1, max_position_embeddings=163840, rms_norm_eps=1e-6,
+      bos_token_id=0, eos_token_id=1, dtype="bfloat16", param_dtype="bfloat16",
+      remat_policy="full")
+  return experiment_config(
+      model, seed=0,
+      train=dict(steps=100_000, batch_size=4096, seq_len=4096, log_every=10,
+                 checkpoint_every=1000, eval_every=1000),
+      optimizer=dict(lr=2.2e-4, warmup_steps=2000, schedule="cosine", weight_decay=0.1, clip=1.0),
+      data=dict(source="default", tokenizer="deepseek-ai/DeepSeek-V3"),
+      mesh=dict(data=1, fsdp=-1, expert=1, tensor=1))
