@@ -8,6 +8,7 @@ DeepseekV3/V2ForCausalLM and MtpModel load.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -148,21 +149,25 @@ def _warn_unused(names: list[str], used: set[str], cfg: ModelConfig) -> None:
 def _hf_tensors(model: Transformer, dtype) -> Iterator[tuple[str, np.ndarray]]:
   cfg = model.config
   flat = dict(nnx.to_flat_state(nnx.state(model)))
+
+  @functools.lru_cache(maxsize=4)  # entries walk a layer's experts w1, w3, w2 in turn
+  def host_slice(path: tuple, layer: int | None) -> np.ndarray:
+    value = flat[path].get_value()
+    return np.asarray(jax.device_get(value if layer is None else value[layer]))
+
   v2 = hf_config.hf_model_type(cfg) == "deepseek_v2"
   for entry in checkpoint_entries(cfg, set(flat)):
     if v2 and entry.optional:
       continue  # transformers' DeepseekV2 has no router correction bias
-    array = np.asarray(jax.device_get(flat[entry.path].get_value()))[entry.index]
+    layer, rest = (entry.index[0], entry.index[1:]) if entry.index else (None, ())
+    array = host_slice(entry.path, layer)[rest]
     out_dtype = np.float32 if entry.optional else dtype
     yield entry.hf_name, _from_dsjax(array, entry).astype(out_dtype)
-  for k in range(cfg.num_mtp_layers):  # DeepSeek stores copies of the shared embedding/head
-    prefix = f"model.layers.{cfg.num_hidden_layers + k}."
-    head = flat[("embed",)] if ("head",) not in flat else flat[("head",)]
-    embed = np.asarray(jax.device_get(flat[("embed",)].get_value()))
-    yield prefix + "embed_tokens.weight", embed.astype(dtype)
-    head_array = np.asarray(jax.device_get(head.get_value()))
-    yield prefix + "shared_head.head.weight", (
-        head_array if ("head",) not in flat else head_array.T).astype(dtype)
+  # DeepSeek stores copies of the shared embedding and output head in every MTP layer.
+  embed = host_slice(("embed",), None)
+  head = embed if ("head",) not in flat else host_slice(("head",), None).T
+  for name in mtp_copy_names(cfg):
+    yield name, (embed if name.endswith("embed_tokens.weight") else head).astype(dtype)
 
 
 def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, dtype=None,

@@ -29,4 +29,4 @@ def ones_param(shape: Sequence[int], axes: Sequence[str | None], dtype) -> nnx.P
 
 def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
   """The logical axis names of a variable (replicated dims are None)."""
-  return tuple(variable.get_metadata().get(AXES, (None,) * variable.value.ndim))
+  return tuple(variable.get_metadata().get(AXES, (None,) * variable.get_value().ndim))
