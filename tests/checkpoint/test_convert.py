@@ -2,11 +2,8 @@
 
 import subprocess
 import sys
-
-
 import numpy as np
 import pytest
-from flax import nnx
 
 import dsjax
 from dsjax.checkpoint.orbax_io import load_model, save_model
@@ -14,16 +11,12 @@ from tests import hf_fixtures as hf
 from tests.model_fixtures import randomized_model, tiny_config
 
 
-def _flat_values(model):
-  return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
-
-
 def test_orbax_save_load_restores_every_variable(tmp_path):
   model = randomized_model(tiny_config(), seed=7)  # has an MTP module and router biases
   save_model(model, tmp_path / "orbax")
   restored = load_model(tmp_path / "orbax")
   assert restored.config == model.config
-  ours, ref = _flat_values(restored), _flat_values(model)
+  ours, ref = hf.dsjax_params(restored), hf.dsjax_params(model)
   assert ours.keys() == ref.keys()
   for path in ref:
     np.testing.assert_array_equal(ours[path], ref[path], err_msg=str(path))
@@ -36,8 +29,8 @@ def test_convert_cli_writes_a_loadable_orbax_checkpoint(tmp_path):
        f"--out_dir={tmp_path / 'out'}", "--dtype=float32"],
       capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  converted = _flat_values(load_model(tmp_path / "out"))
-  direct = _flat_values(dsjax.load_hf_checkpoint(tmp_path / "hf"))
+  converted = hf.dsjax_params(load_model(tmp_path / "out"))
+  direct = hf.dsjax_params(dsjax.load_hf_checkpoint(tmp_path / "hf"))
   assert converted.keys() == direct.keys()
   for path in direct:
     np.testing.assert_array_equal(converted[path], direct[path], err_msg=str(path))

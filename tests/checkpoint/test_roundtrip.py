@@ -29,6 +29,9 @@ def test_transformers_dsjax_transformers_round_trip(case, tmp_path):
   # A small shard size forces several files plus model.safetensors.index.json.
   dsjax.save_hf_checkpoint(model, tmp_path / "dsjax", max_shard_bytes=64 * 1024)
   assert len(hf.checkpoint_files(tmp_path / "dsjax")) > 1
+  resharded = hf.dsjax_params(dsjax.load_hf_checkpoint(tmp_path / "dsjax"))  # sharded + index
+  for path, value in hf.dsjax_params(model).items():
+    np.testing.assert_array_equal(resharded[path], value, err_msg=str(path))
   assert json.loads((tmp_path / "dsjax" / "config.json").read_text())["model_type"] == \
       original.config.model_type
 
