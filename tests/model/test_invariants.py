@@ -87,3 +87,14 @@ def test_input_errors_are_actionable(model):
     model(jnp.zeros((1, model.config.max_position_embeddings + 1), jnp.int32))
   with pytest.raises(ValueError, match=r"int\[B,T\]"):
     model(jnp.zeros((5,), jnp.int32))
+
+
+def test_bfloat16_compute_stays_bfloat16_and_close_to_float32(model):
+  bf16 = nnx.merge(nnx.split(randomized_model(tiny_config(dtype="bfloat16")))[0],
+                   nnx.state(model))
+  ids = tokens(model.config, b=1, t=16)
+  out = forward(bf16, ids)
+  assert out.logits.dtype == jnp.bfloat16 and out.hidden.dtype == jnp.bfloat16
+  ref = forward(model, ids).logits
+  error = np.abs(np.asarray(out.logits, np.float32) - np.asarray(ref))
+  assert error.mean() < 0.03 * np.abs(np.asarray(ref)).mean(), error.mean()
