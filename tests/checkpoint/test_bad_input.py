@@ -61,3 +61,14 @@ def test_missing_tensor(checkpoint):
   hf.rewrite_tensor(checkpoint, MISSING, None)
   with pytest.raises(ValueError, match=re.escape(MISSING)):
     dsjax.load_hf_checkpoint(checkpoint)
+
+
+def test_saving_softmax_router_biases_transformers_cannot_hold(tmp_path):
+  from tests.model_fixtures import randomized_model, tiny_config
+  cfg = tiny_config(moe=dsjax.MoEConfig(n_routed_experts=8, num_experts_per_tok=2,
+                                        moe_intermediate_size=16, scoring_func="softmax"),
+                    num_mtp_layers=0)
+  model = randomized_model(cfg)  # random, non-zero router biases
+  with pytest.raises(ValueError, match="router biases"):
+    dsjax.save_hf_checkpoint(model, tmp_path / "out")
+  assert not list((tmp_path).glob("out/*.safetensors"))
