@@ -14,6 +14,7 @@ from typing import Any, Literal
 TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
 _TOPK_ALIASES = {"group_limited": "group_limited_greedy"}
 _DTYPES = ("float32", "bfloat16", "float16")
+MOE_IMPLS = ("auto", "dense", "blocked", "ragged")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
 
@@ -113,9 +114,10 @@ class MoEConfig:
     norm_topk_prob: renormalise the K chosen weights to sum to 1.
     routed_scaling_factor: multiplier on the routed-expert weights.
     first_k_dense_replace: the first k layers use a dense MLP instead of MoE.
-    impl: dispatch implementation: "dense" (every expert on every token, masked; fast on CPU
-      for few experts), "ragged" (dropless sort-by-expert + lax.ragged_dot, for TPU/GPU), or
-      "auto" (dense on CPU, ragged elsewhere).
+    impl: dispatch implementation, all exact (dropless): "dense" (every expert on every token,
+      masked; fastest on CPU when E <= 2K), "blocked" (sorted by expert, padded to row blocks,
+      batched einsum; for CPU with many experts), "ragged" (sorted by expert +
+      lax.ragged_dot, for TPU/GPU), or "auto" (dense or blocked on CPU, ragged elsewhere).
   """
 
   n_routed_experts: int = 64
@@ -129,7 +131,7 @@ class MoEConfig:
   norm_topk_prob: bool = False
   routed_scaling_factor: float = 1.0
   first_k_dense_replace: int = 1
-  impl: Literal["auto", "dense", "ragged"] = "auto"
+  impl: Literal["auto", "dense", "blocked", "ragged"] = "auto"
 
   def __post_init__(self):
     object.__setattr__(self, "topk_method", _TOPK_ALIASES.get(self.topk_method, self.topk_method))
@@ -138,8 +140,7 @@ class MoEConfig:
     _check(self.topk_method in ("greedy", "group_limited_greedy", "noaux_tc"),
            f"moe.topk_method={self.topk_method!r}; use 'greedy', 'group_limited_greedy' or "
            "'noaux_tc'.")
-    _check(self.impl in ("auto", "dense", "ragged"),
-           f"moe.impl={self.impl!r}; use 'auto', 'dense' or 'ragged'.")
+    _check(self.impl in MOE_IMPLS, f"moe.impl={self.impl!r}; use one of {MOE_IMPLS}.")
     _check(self.n_routed_experts > 0 and self.moe_intermediate_size > 0,
            "moe.n_routed_experts and moe.moe_intermediate_size must be > 0.")
     _check(self.n_shared_experts >= 0, "moe.n_shared_experts must be >= 0.")

@@ -4,18 +4,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsjax.config import ModelConfig
+from dsjax.config import MOE_IMPLS, ModelConfig, MoEConfig
 from dsjax.model.mlp import MLP
 from dsjax.model.param import AXES, RouterBias, normal_param
 from dsjax.ops import moe_dispatch
 from dsjax.ops.routing import Routing, route
 
 
-def resolve_impl(impl: str) -> str:
-  """'auto' -> 'dense' on CPU (ragged_dot is emulated densely there), 'ragged' elsewhere."""
+_DISPATCH = {"dense": moe_dispatch.experts_dense, "blocked": moe_dispatch.experts_blocked,
+             "ragged": moe_dispatch.experts_sorted}
+
+
+def resolve_impl(impl: str, moe: MoEConfig) -> str:
+  """'auto' -> on CPU (where ragged_dot is emulated densely) 'dense' while E <= 2K, else
+  'blocked'; 'ragged' on TPU/GPU."""
   if impl != "auto":
     return impl
-  return "dense" if jax.default_backend() == "cpu" else "ragged"
+  if jax.default_backend() != "cpu":
+    return "ragged"
+  return "dense" if moe.n_routed_experts <= 2 * moe.num_experts_per_tok else "blocked"
 
 
 class MoE(nnx.Module):
@@ -46,13 +53,10 @@ class MoE(nnx.Module):
     tokens = x.reshape(b * t, d)
     routing = self.route(tokens)
     w1, w3, w2 = (w[...].astype(self.dtype) for w in (self.w1, self.w3, self.w2))
-    impl = resolve_impl(impl or self.moe.impl)
-    if impl == "dense":
-      y = moe_dispatch.experts_dense(tokens, routing.expert_ids, routing.expert_weights, w1, w3, w2)
-    elif impl == "ragged":
-      y = moe_dispatch.experts_sorted(tokens, routing.expert_ids, routing.expert_weights, w1, w3, w2)
-    else:
-      raise ValueError(f"moe impl={impl!r}; use 'auto', 'dense' or 'ragged'.")
+    impl = resolve_impl(impl or self.moe.impl, self.moe)
+    if impl not in _DISPATCH:
+      raise ValueError(f"moe impl={impl!r}; use one of {MOE_IMPLS}.")
+    y = _DISPATCH[impl](tokens, routing.expert_ids, routing.expert_weights, w1, w3, w2)
     y = y.reshape(b, t, d).astype(x.dtype)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x)

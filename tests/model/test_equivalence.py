@@ -25,12 +25,13 @@ def test_scanned_equals_unrolled(model):
   assert_trees_close(g1, g2, 1e-5)
 
 
-def test_dense_dispatch_equals_sorted_dispatch(model):
+@pytest.mark.parametrize("impl", ["ragged", "blocked"])
+def test_dense_dispatch_equals_sorted_dispatch(model, impl):
   ids = tokens(model.config)
-  dense, ragged = forward(model, ids, moe_impl="dense"), forward(model, ids, moe_impl="ragged")
-  np.testing.assert_allclose(dense.logits, ragged.logits, atol=1e-4)
+  dense, other = forward(model, ids, moe_impl="dense"), forward(model, ids, moe_impl=impl)
+  np.testing.assert_allclose(dense.logits, other.logits, atol=1e-4)
   (l1, g1), (l2, g2) = (value_and_grad(model, ids, moe_impl="dense"),
-                        value_and_grad(model, ids, moe_impl="ragged"))
+                        value_and_grad(model, ids, moe_impl=impl))
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
   assert_trees_close(g1, g2, 1e-4)
 
@@ -61,5 +62,6 @@ def test_softmax_group_limited_dense_equals_sorted():
       first_k_dense_replace=0), num_mtp_layers=0)
   m = randomized_model(cfg, seed=3)
   ids = tokens(cfg)
-  np.testing.assert_allclose(forward(m, ids, moe_impl="dense").logits,
-                             forward(m, ids, moe_impl="ragged").logits, atol=1e-4)
+  dense = forward(m, ids, moe_impl="dense").logits
+  for impl in ("ragged", "blocked"):
+    np.testing.assert_allclose(forward(m, ids, moe_impl=impl).logits, dense, atol=1e-4)
