@@ -52,12 +52,12 @@ def test_every_variable_has_logical_axes_of_its_rank(model):
     assert all(a is None or a in LOGICAL_AXES for a in axes), (path, axes)
     if path[0] in ("dense_layers", "moe_layers"):
       assert axes[0] == "layers", path
-  specs = state_partition_specs(nnx.state(model))
-  flat = dict(nnx.to_flat_state(nnx.state(model)))
-  w1 = ("moe_layers", "blocks", "ffn", "w1")
-  assert tuple(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-               [0]) is not None
-  assert logical_axes(flat[w1]) == ("layers", "experts", "embed", "expert_mlp")
+  # Under the default rules experts land on `expert`, heads and expert hidden dims on `tensor`.
+  specs = dict(nnx.to_flat_state(state_partition_specs(nnx.state(model))))
+  spec = lambda *path: tuple(specs[path])  # noqa: E731
+  assert spec("moe_layers", "blocks", "ffn", "w1") == (None, "expert", "fsdp", "tensor")
+  assert spec("moe_layers", "blocks", "attn", "wq_b") == (None, None, "tensor", None)
+  assert spec("embed",) == ("tensor", "fsdp")
 
 
 def test_router_bias_is_not_a_parameter(model):
@@ -77,9 +77,8 @@ def test_routing_weights_are_normalised_unbiased_scores(model):
   expected = picked / picked.sum(-1, keepdims=True) * model.config.moe.routed_scaling_factor
   np.testing.assert_allclose(routing.expert_weights, expected, rtol=1e-5)
   # The bias moves the choice: a large bias on expert 0 makes every token pick it.
-  biased = layer0.route.__self__
-  biased.router_bias.set_value(jnp.zeros_like(biased.router_bias[...]).at[0].set(10.0))
-  assert np.all(np.any(np.asarray(biased.route(x).expert_ids) == 0, axis=-1))
+  layer0.router_bias.set_value(jnp.zeros_like(layer0.router_bias[...]).at[0].set(10.0))
+  assert np.all(np.any(np.asarray(layer0.route(x).expert_ids) == 0, axis=-1))
 
 
 def test_input_errors_are_actionable(model):
