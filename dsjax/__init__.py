@@ -5,4 +5,7 @@ from dsjax.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from dsjax.experiment import load_config
 from dsjax.model import ModelOutput, Transformer
 
-__all__ = ["load_hf_checkpoint", "save_hf_checkpoint", "load_config", "MLAConfig", "ModelConfig", "MoEConfig", "ModelOutput", "RopeConfig", "Transformer"]
+__all__ = [
+    "MLAConfig", "ModelConfig", "MoEConfig", "ModelOutput", "RopeConfig", "Transformer",
+    "load_config", "load_hf_checkpoint", "save_hf_checkpoint",
+]
