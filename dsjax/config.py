@@ -264,7 +264,7 @@ class ModelConfig:
     d = dict(d)
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     _check(not unknown, f"Unknown ModelConfig fields {sorted(unknown)}; check for typos.")
-    for key, sub in (("mla", MLAConfig), ("rope", RopeConfig), ("moe", MoEConfig)):
+    for key, sub in SUB_CONFIGS.items():
       if isinstance(d.get(key), dict) or hasattr(d.get(key), "to_dict"):
         value = d[key].to_dict() if hasattr(d[key], "to_dict") else dict(d[key])
         bad = set(value) - {f.name for f in dataclasses.fields(sub)}
@@ -285,6 +285,9 @@ class ModelConfig:
     """A `config.json` dictionary for transformers' DeepseekV3ForCausalLM / V2."""
     from dsjax.checkpoint import hf_config
     return hf_config.to_hf(self)
+
+
+SUB_CONFIGS = {"mla": MLAConfig, "rope": RopeConfig, "moe": MoEConfig}
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -17,9 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from dsjax.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
-
-_SUB_CONFIGS = {"mla": MLAConfig, "rope": RopeConfig, "moe": MoEConfig}
+from dsjax.config import SUB_CONFIGS, ModelConfig
 
 # Section defaults: sized for the tiny model on a 2-core CPU. Config files override them.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -36,9 +34,9 @@ def _model_fields(model: dict[str, Any]) -> dict[str, Any]:
   """`model` completed with ModelConfig's defaults; unknown keys are kept for from_dict to
   report."""
   full = {f.name: f.default for f in dataclasses.fields(ModelConfig)
-          if f.name not in _SUB_CONFIGS}
-  full.update({k: v for k, v in model.items() if k not in _SUB_CONFIGS})
-  for key, cls in _SUB_CONFIGS.items():
+          if f.name not in SUB_CONFIGS}
+  full.update({k: v for k, v in model.items() if k not in SUB_CONFIGS})
+  for key, cls in SUB_CONFIGS.items():
     given = model.get(key, {} if key != "moe" else None)
     full[key] = None if given is None else {**dataclasses.asdict(cls()), **given}
   return full

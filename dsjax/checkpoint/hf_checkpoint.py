@@ -32,10 +32,6 @@ from dsjax.model.transformer import Transformer
 _FP8 = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
 
 
-def _dtype_name(dtype) -> str:
-  return np.dtype(dtype).name if np.dtype(dtype) != np.dtype(ml_dtypes.bfloat16) else "bfloat16"
-
-
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
   """The config.json dictionary of a checkpoint directory, with a clear error if absent."""
   path = Path(path)
@@ -99,7 +95,8 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32,
     config_overrides: ModelConfig fields to change, e.g. {"scan_layers": False}.
   """
   hf = read_hf_config(path)
-  cfg = hf_config.from_hf(hf).replace(param_dtype=_dtype_name(dtype), dtype=_dtype_name(dtype))
+  dtype_name = jnp.dtype(dtype).name
+  cfg = hf_config.from_hf(hf).replace(param_dtype=dtype_name, dtype=dtype_name)
   block = _fp8_block_size(hf)
   with SafetensorsReader(path) as reader:
     cfg = _present_mtp_layers(cfg, reader).replace(**(config_overrides or {}))
@@ -187,11 +184,10 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, dtype=None,
       raise ValueError("This softmax-routed model has non-zero router biases, which "
                        "transformers' DeepseekV2 cannot represent; zero them or use sigmoid "
                        "scoring (DeepseekV3) before saving.")
-  np_dtype = np.dtype(ml_dtypes.bfloat16) if (dtype or cfg.param_dtype) in (
-      "bfloat16", jnp.bfloat16) else np.dtype(dtype or cfg.param_dtype)
+  np_dtype = jnp.dtype(dtype or cfg.param_dtype)
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
   hf = hf_config.to_hf(cfg)
-  hf["torch_dtype"] = hf["dtype"] = _dtype_name(np_dtype)
+  hf["torch_dtype"] = hf["dtype"] = np_dtype.name
   write_sharded(path, _hf_tensors(model, np_dtype), max_shard_bytes=max_shard_bytes)
   (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")

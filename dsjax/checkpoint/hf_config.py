@@ -85,7 +85,7 @@ def hf_model_type(cfg: ModelConfig) -> str:
   return "deepseek_v2"
 
 
-def _rope_to_hf(rope: RopeConfig, max_positions: int) -> dict[str, Any]:
+def _rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
   if rope.type == "default":
     return {"rope_type": "default", "rope_theta": rope.theta}
   return {"rope_type": "yarn", "rope_theta": rope.theta, "factor": rope.factor,
@@ -114,7 +114,7 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
       "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_word_embeddings,
       "initializer_range": cfg.initializer_range, "hidden_act": "silu",
       "attention_bias": False, "rope_interleave": cfg.rope.interleave,
-      "rope_parameters": _rope_to_hf(cfg.rope, cfg.max_position_embeddings),
+      "rope_parameters": _rope_to_hf(cfg.rope),
       "bos_token_id": cfg.bos_token_id,
       "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple)
                       else cfg.eos_token_id,

@@ -11,6 +11,7 @@ Routed experts are stored one tensor per expert (`mlp.experts.{e}.*`) in DeepSee
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterator
 
 from dsjax.config import ModelConfig
@@ -109,13 +110,7 @@ def hf_shape(our_shape: tuple[int, ...], layout: int) -> tuple[int, ...]:
   """The checkpoint shape of a dsjax array (one layer / expert slice) under `layout`."""
   if layout == VEC:
     return our_shape
-  n_in = 1
-  for s in our_shape[:layout]:
-    n_in *= s
-  n_out = 1
-  for s in our_shape[layout:]:
-    n_out *= s
-  return (n_out, n_in)
+  return (math.prod(our_shape[layout:]), math.prod(our_shape[:layout]))
 
 
 def mtp_copy_names(cfg: ModelConfig) -> list[str]:

@@ -1,4 +1,4 @@
-"""Routed-expert computation: two exact (dropless) dispatch implementations.
+"""Routed-expert computation: three exact (dropless) dispatch implementations.
 
 x [M,D] tokens, expert_ids int32[M,K], weights [M,K], w1/w3 [E,D,F] (gate/up), w2 [E,F,D].
 """
@@ -28,6 +28,15 @@ def experts_dense(x, expert_ids, weights, w1, w3, w2) -> jax.Array:
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def _unsort_and_combine(y_sorted: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
+  """Rows y_sorted[M*K,D] in expert-sorted `order` -> sum over K of weights[M,K] * row, using a
+  gather by the inverse permutation (no scatter-add)."""
+  m, k = weights.shape
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m * k, dtype=order.dtype))
+  y = y_sorted[inverse].reshape(m, k, -1)
+  return jnp.einsum("MKD,MK->MD", y, weights.astype(y.dtype))
+
+
 def _ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
   return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
@@ -39,16 +48,13 @@ def experts_sorted(x, expert_ids, weights, w1, w3, w2,
   lax.ragged_dot by default, the Pallas gmm kernel on TPU/GPU), and the rows are un-sorted by a
   gather before the weighted sum over K. Exact FLOPs; use on TPU/GPU (ragged_dot is emulated
   densely on CPU)."""
-  m, k = expert_ids.shape
+  k = expert_ids.shape[1]
   flat_ids = expert_ids.reshape(-1)
   order = jnp.argsort(flat_ids, stable=True)
   group_sizes = jnp.bincount(flat_ids, length=w1.shape[0]).astype(jnp.int32)
   rows = x[order // k]
   h = _swiglu(grouped_matmul(rows, w1, group_sizes), grouped_matmul(rows, w3, group_sizes))
-  y = grouped_matmul(h, w2, group_sizes)
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m * k, dtype=order.dtype))
-  y = y[inverse].reshape(m, k, -1)
-  return jnp.einsum("MKD,MK->MD", y, weights.astype(y.dtype))
+  return _unsort_and_combine(grouped_matmul(h, w2, group_sizes), order, weights)
 
 
 def _padded_layout(flat_ids: jax.Array, num_experts: int, block: int):
@@ -84,6 +90,4 @@ def experts_blocked(x, expert_ids, weights, w1, w3, w2, block: int | None = None
   h = _swiglu(jnp.einsum("GBD,GDF->GBF", rows, w1[block_expert]),
               jnp.einsum("GBD,GDF->GBF", rows, w3[block_expert]))
   y = jnp.einsum("GBF,GFD->GBD", h, w2[block_expert]).reshape(capacity, d)
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m * k, dtype=order.dtype))
-  y = y[destination][inverse].reshape(m, k, d)
-  return jnp.einsum("MKD,MK->MD", y, weights.astype(y.dtype))
+  return _unsort_and_combine(y[destination], order, weights)
