@@ -21,10 +21,34 @@ from dsjax.config import SUB_CONFIGS, ModelConfig
 
 # Section defaults: sized for the tiny model on a 2-core CPU. Config files override them.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "train": dict(steps=200, batch_size=8, seq_len=128, log_every=10, checkpoint_every=100,
-                  eval_every=100),
-    "optimizer": dict(lr=3e-3, warmup_steps=20, schedule="cosine", weight_decay=0.1, clip=1.0),
-    "data": dict(source="default", tokenizer="byte"),
+    "train": dict(
+        steps=200, batch_size=8, seq_len=128, log_every=10, checkpoint_every=100,
+        eval_every=100, eval_batches=4,
+        grad_accum_steps=1,      # micro-batches per step; batch_size is the global batch
+        keep_checkpoints=3,      # the last K checkpoints, plus the best by eval loss
+        async_checkpoint=True,
+        max_bad_steps=5,         # stop after this many consecutive non-finite steps
+        mtp_weight=0.3,          # lambda of the MTP loss (DeepSeek-V3: 0.3, later 0.1)
+        balance_alpha=1e-4,      # sequence-wise balance loss weight (DeepSeek-V3: 1e-4)
+        z_loss=0.0,              # weight of mean(logsumexp(logits)^2); 0 disables
+        router_bias_update="auto",  # aux-loss-free balancing: auto (= on for sigmoid), on, off
+        router_bias_rate=1e-3,   # gamma of bias += gamma * sign(mean_load - load)
+        init_from="",            # HF or dsjax Orbax model dir to fine-tune from
+        sample_prompt="The ",    # prompt of the sample printed at the end ("" disables)
+        sample_tokens=160),
+    "optimizer": dict(
+        lr=3e-3, warmup_steps=20,
+        schedule="deepseek_v3",  # deepseek_v3 (warm-up, constant, cosine), wsd, cosine, constant
+        decay_fraction=0.3,      # deepseek_v3 / wsd: share of the steps spent decaying
+        min_lr_ratio=0.1,        # final lr = lr * min_lr_ratio
+        weight_decay=0.1, clip=1.0, b1=0.9, b2=0.95, eps=1e-8),
+    "data": dict(
+        source="default",        # default (embedded corpus), or a .txt/.jsonl/.array_record path
+        tokenizer="byte",        # byte, or a HuggingFace tokenizer.json path
+        text_field="text",       # JSONL / ArrayRecord JSON field holding the text
+        eval_fraction=0.05,      # held-out share of the documents for eval loss
+        num_workers=0,           # Grain worker processes (0: in the main process)
+        shuffle=True),
     # -1: all devices not used by the other axes (at most one axis may be -1).
     "mesh": dict(data=-1, fsdp=1, expert=1, tensor=1),
 }

@@ -13,10 +13,12 @@ from dsjax.config import ModelConfig
 from dsjax.model.block import Block
 from dsjax.model.norm import RMSNorm
 from dsjax.model.param import normal_param
+from dsjax.ops.routing import Routing
 
 
 class MTPModule(nnx.Module):
-  """(embedded next tokens [B,T,D], previous hidden [B,T,D]) -> normalised hidden [B,T,D]."""
+  """(embedded next tokens [B,T,D], previous hidden [B,T,D]) -> (normalised hidden [B,T,D],
+  routing of its MoE layer or None)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, eps, pdt = cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype
@@ -27,8 +29,9 @@ class MTPModule(nnx.Module):
     self.norm = RMSNorm(d, eps, "embed", pdt)  # DeepSeek's shared_head.norm
     self.dtype = cfg.dtype
 
-  def __call__(self, embedded, hidden, cos, sin, mask, moe_impl=None) -> jax.Array:
+  def __call__(self, embedded, hidden, cos, sin, mask, moe_impl=None
+               ) -> tuple[jax.Array, Routing | None]:
     x = jnp.concatenate([self.enorm(embedded), self.hnorm(hidden)], axis=-1)
     x = jnp.einsum("BTI,ID->BTD", x, self.eh_proj[...].astype(self.dtype))
-    x, _ = self.block(x, cos, sin, mask, moe_impl)
-    return self.norm(x)
+    x, routing = self.block(x, cos, sin, mask, moe_impl)
+    return self.norm(x), routing

@@ -79,24 +79,36 @@ class Transformer(nnx.Module):
                segment_ids: jax.Array | None = None) -> jax.Array:
     return self.forward(input_ids, positions, segment_ids).logits
 
+  def mtp_forward(self, input_ids: jax.Array, hidden: jax.Array,
+                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                  moe_impl: str | None = None) -> list[tuple[jax.Array, Routing | None]]:
+    """(logits [B,T-k,V], routing of the module's MoE layer [1,B*(T-k),...]) for each MTP depth
+    k = 1..num_mtp_layers. Position i of depth k predicts token i+k+1: it pairs hidden state i
+    with token i+k. `hidden` is the main model's final hidden [B,T,D]; with `segment_ids`
+    (packed sequences) attention stays inside each sequence."""
+    if not len(self.mtp):
+      raise ValueError("This model has num_mtp_layers=0; set num_mtp_layers >= 1 for MTP.")
+    positions = self.default_positions(input_ids) if positions is None else positions
+    outputs = []
+    for k, module in enumerate(self.mtp, start=1):
+      seg = None if segment_ids is None else segment_ids[:, k:]
+      cos, sin, mask = self._rope_and_mask(positions[:, k:], seg)
+      hidden, routing = module(self.embed_tokens(input_ids[:, k:]), hidden[:, :-1], cos, sin,
+                               mask, moe_impl)
+      routing = None if routing is None else jax.tree.map(lambda a: a[None], routing)
+      outputs.append((self.logits_from_hidden(hidden), routing))
+    return outputs
+
   def mtp_logits(self, input_ids: jax.Array, hidden: jax.Array | None = None,
                  positions: jax.Array | None = None, moe_impl: str | None = None
                  ) -> list[jax.Array]:
     """Logits of each MTP depth k = 1..num_mtp_layers: a list of [B,T-k,V] arrays whose
     position i predicts token i+k+1 (depth k pairs hidden state i with token i+k).
     `hidden` is the main model's final hidden [B,T,D] (computed if not given)."""
-    if not len(self.mtp):
-      raise ValueError("This model has num_mtp_layers=0; set num_mtp_layers >= 1 for MTP.")
-    positions = self.default_positions(input_ids) if positions is None else positions
     if hidden is None:
       hidden = self.forward(input_ids, positions, moe_impl=moe_impl).hidden
-    outputs = []
-    for k, module in enumerate(self.mtp, start=1):
-      pos = positions[:, k:]
-      cos, sin, mask = self._rope_and_mask(pos, None)
-      hidden = module(self.embed_tokens(input_ids[:, k:]), hidden[:, :-1], cos, sin, mask, moe_impl)
-      outputs.append(self.logits_from_hidden(hidden))
-    return outputs
+    return [logits for logits, _ in self.mtp_forward(input_ids, hidden, positions,
+                                                      moe_impl=moe_impl)]
 
   def _check_input(self, input_ids) -> None:
     if input_ids.ndim != 2:

@@ -1,0 +1,50 @@
+"""Auxiliary-loss-free load balancing (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing
+Strategy for Mixture-of-Experts"; DeepSeek-V3 Sec. 2.1.2).
+
+After each step every MoE layer's router bias moves each expert towards the mean load:
+bias_i += gamma * sign(mean_load - load_i). The bias changes which experts are chosen, never
+their weights, and it is updated outside the optimizer (no gradient, no weight decay).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.config import ModelConfig
+
+
+def bias_update_enabled(setting: str, model_cfg: ModelConfig) -> bool:
+  """`train.router_bias_update`: "auto" is on for sigmoid-scored routers (DeepSeek-V3 style,
+  which have a selection bias), off for softmax (V2) ones; "on" / "off" force it."""
+  if setting not in ("auto", "on", "off"):
+    raise ValueError(f"train.router_bias_update={setting!r}; use 'auto', 'on' or 'off'.")
+  if model_cfg.moe is None:
+    return False
+  if setting == "auto":
+    return model_cfg.moe.scoring_func == "sigmoid"
+  return setting == "on"
+
+
+def sign_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+  """bias[..., E] + rate * sign(mean(load) - load), per layer (the last axis is experts)."""
+  mean = jnp.mean(load, axis=-1, keepdims=True)
+  return bias + rate * jnp.sign(mean - load).astype(bias.dtype)
+
+
+def update_router_biases(router_bias: nnx.State, main_load: jax.Array | None,
+                         mtp_loads: list[jax.Array], rate: float) -> nnx.State:
+  """New router-bias state. `router_bias` is the model's RouterBias state: the MoE layer stack
+  ([L_moe, E] under `moe_layers`) and each MTP module's MoE layer ([E] under `mtp/k`).
+  `main_load` float[L_moe, E] and `mtp_loads[k]` float[E] count the tokens routed to each
+  expert in this step."""
+  def update(path, variable):
+    if path[0] == "moe_layers":
+      load = main_load
+    elif path[0] == "mtp":
+      load = mtp_loads[int(path[1])]
+    else:
+      raise ValueError(f"Router bias at unexpected path {path}; update balance.py for it.")
+    return variable.replace(value=sign_update(variable.get_value(), load, rate))
+  return nnx.map_state(update, router_bias)

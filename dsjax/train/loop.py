@@ -1,0 +1,191 @@
+"""The training loop: start or resume, step, log, evaluate, checkpoint, sample.
+
+`train(cfg, workdir)` is what `python train.py` runs. Re-running it with the same workdir
+resumes from the latest complete checkpoint (params, optimizer state, router biases, step, RNG
+and data-iterator position), and the resumed run's losses equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dsjax.parallel.mesh import batch_parallelism
+from dsjax.train.checkpointing import TrainCheckpointer
+from dsjax.train.flops import peak_flops, train_flops_per_token
+from dsjax.train.metrics import MetricsWriter
+from dsjax.train.progress import ProgressBar
+from dsjax.train.sample import sample_tokens
+from dsjax.train.setup import Run, build_run
+from dsjax.train.state import init_train_state, pretrained_train_state
+from dsjax.train.step import TrainState
+
+CHECKPOINT_DIR = "checkpoints"
+EXPERIMENT_FILE = "experiment.json"
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def _device_batch(run: Run, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """The process-local numpy batch as global arrays sharded over the mesh's batch axes."""
+  return {k: jax.make_array_from_process_local_data(run.batch_sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def _initial_state(run: Run, checkpointer: TrainCheckpointer, iterator, log) -> TrainState:
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, data_state = checkpointer.restore(run.abstract_state, latest)
+    iterator.set_state(data_state)
+    log(f"Resumed from step {latest} ({checkpointer.directory}).")
+    return state
+  init_from = run.cfg.train.init_from
+  if init_from:
+    log(f"Initialising from {init_from}.")
+    return pretrained_train_state(init_from, run.model_cfg, run.optimizer, run.cfg.seed,
+                                  run.state_shardings)
+  return init_train_state(run.model_cfg, run.optimizer, run.cfg.seed, run.state_shardings)
+
+
+def _evaluate(run: Run, state: TrainState) -> float:
+  total, weight = 0.0, 0.0
+  for batch in run.data.eval_batches(run.cfg.train.eval_batches):
+    loss_sum, count = run.eval_step(state, _device_batch(run, batch))
+    total, weight = total + float(loss_sum), weight + float(count)
+  return total / max(weight, 1.0)
+
+
+class _Throughput:
+  """Tokens/s and MFU over the steps since the last log: time inside train steps only (each
+  step ends with a device sync), so compilation, evaluation and checkpoint writes are out."""
+
+  def __init__(self, run: Run):
+    devices = run.mesh.devices.flatten()
+    per_device = peak_flops(devices[0])
+    self.peak = per_device if devices[0].platform == "cpu" else per_device * len(devices)
+    self.flops_per_token = train_flops_per_token(run.abstract_state.params, run.model_cfg,
+                                                 run.cfg.train.seq_len)
+    self.tokens_per_step = run.cfg.train.batch_size * run.cfg.train.seq_len
+    self.reset()
+
+  def reset(self):
+    self.seconds, self.steps = 0.0, 0
+
+  def add(self, seconds: float) -> None:
+    self.seconds, self.steps = self.seconds + seconds, self.steps + 1
+
+  def measure(self) -> dict[str, float]:
+    rate = self.steps * self.tokens_per_step / self.seconds if self.seconds > 0 else float("nan")
+    self.reset()
+    return {"tokens_per_sec": rate, "mfu": rate * self.flops_per_token / self.peak}
+
+
+def _summarise(pending: list[dict[str, Any]]) -> dict[str, Any]:
+  """Means over the steps since the last log of the device metrics (fetched together)."""
+  fetched = jax.device_get(pending)
+  good = [m for m in fetched if bool(m["finite"])] or fetched
+  out = {k: np.mean([m[k] for m in good], axis=0) for k in good[0] if k not in
+         ("finite", "lr", "tokens")}
+  out["lr"] = fetched[-1]["lr"]
+  out["skipped_steps"] = len(fetched) - sum(bool(m["finite"]) for m in fetched)
+  if "expert_imbalance" in out:
+    out["max_expert_imbalance"] = np.max(out["expert_imbalance"])
+  return out
+
+
+def _write_experiment(workdir: Path, run: Run) -> None:
+  (workdir / EXPERIMENT_FILE).write_text(run.cfg.to_json(indent=2) + "\n")
+
+
+def _print_sample(run: Run, state: TrainState, log) -> str | None:
+  prompt = run.cfg.train.sample_prompt
+  if not prompt or not run.cfg.train.sample_tokens:
+    return None
+  ids = run.tokenizer.encode(prompt)
+  out = sample_tokens(run.graphdef, state.params, state.router_bias, ids,
+                      run.cfg.train.sample_tokens, jax.random.fold_in(state.rng, 1),
+                      max_len=run.model_cfg.max_position_embeddings)
+  text = prompt + run.tokenizer.decode(out)
+  log("Sample:\n" + text)
+  return text
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, devices=None,
+          log=print) -> dict[str, Any]:
+  """Trains (or resumes) the experiment `cfg` in `workdir`; returns a summary dict."""
+  run = build_run(cfg, devices)          # all validation happens before the workdir is used
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpointer = TrainCheckpointer(workdir / CHECKPOINT_DIR, keep=cfg.train.keep_checkpoints,
+                                   async_save=cfg.train.async_checkpoint)
+  iterator = run.data.train_iterator()
+  state = _initial_state(run, checkpointer, iterator, log)
+  _write_experiment(workdir, run)
+  start = int(state.step)
+  log(f"dsjax: {run.model_cfg.num_hidden_layers}-layer model, mesh {dict(run.mesh.shape)}, "
+      f"batch {cfg.train.batch_size}x{cfg.train.seq_len}, steps {start}->{cfg.train.steps}, "
+      f"workdir {workdir}")
+  writer = MetricsWriter(workdir, resume_step=start)
+  try:
+    state, summary = _loop(run, state, iterator, checkpointer, writer, start, log)
+  finally:
+    writer.close()
+    checkpointer.wait()
+    checkpointer.close()
+  summary["sample"] = _print_sample(run, state, log)
+  return summary
+
+
+def _check_finite(state: TrainState, step: int, limit: int, checkpointer) -> None:
+  bad = int(state.bad_steps)  # one scalar per step, so a diverged run stops promptly
+  if bad >= limit:
+    latest = checkpointer.latest_step()
+    kept = (f"the last good checkpoint (step {latest}) in {checkpointer.directory} is intact"
+            if latest is not None else "no checkpoint was written yet")
+    raise TrainingDiverged(
+        f"Stopped at step {step}: {bad} consecutive steps had a non-finite loss or gradient "
+        f"and were skipped; {kept}. Lower --config.optimizer.lr, raise "
+        "--config.optimizer.warmup_steps or check the data.")
+
+
+def _loop(run: Run, state: TrainState, iterator, checkpointer, writer, start: int, log):
+  t = run.cfg.train
+  bar, throughput = ProgressBar(t.steps, start), _Throughput(run)
+  pending, record = [], {}
+  for step in range(start, t.steps):
+    batch = _device_batch(run, next(iterator))
+    began = time.perf_counter()
+    state, metrics = run.train_step(state, batch)
+    pending.append(metrics)
+    done = step + 1
+    _check_finite(state, done, t.max_bad_steps, checkpointer)
+    if done == start + 1:
+      bar.message(f"First step (with compilation) took {time.perf_counter() - began:.1f} s.")
+    else:
+      throughput.add(time.perf_counter() - began)
+    evaluate = done % t.eval_every == 0 or done == t.steps
+    eval_loss = None
+    if done % t.log_every == 0 or evaluate:
+      values = {**_summarise(pending), **throughput.measure()}
+      pending = []
+      if evaluate:
+        values["eval_loss"] = eval_loss = _evaluate(run, state)
+      record = writer.write(done, values)
+      bar.update(done, loss=record["loss"], lr=record["lr"], eval_loss=record.get("eval_loss"),
+                 tokens_per_sec=record["tokens_per_sec"])
+    if done % t.checkpoint_every == 0 or done == t.steps:
+      checkpointer.save(done, state, iterator.get_state(), eval_loss=eval_loss)
+  bar.close()
+  return state, {"start_step": start, "final_step": max(start, int(t.steps)),
+                 "last_record": record}
