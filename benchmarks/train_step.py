@@ -1,0 +1,214 @@
+"""Training throughput of one dsjax train step vs transformers' PyTorch DeepseekV3, same model
+config, same batch, AdamW, fp32, same machine, one run. Prints tokens/s and the ratio; nothing
+here is asserted.
+
+dsjax: the jitted `train_step` of `build_run(load_experiment("configs/tiny.py", overrides))`
+(AdamW + global-norm clipping, next-token loss, router-bias update on; MTP and the balance
+loss off, as transformers' DeepseekV3ForCausalLM trains neither).
+transformers: DeepseekV3ForCausalLM built from `to_hf(model_cfg)`, eager, forward with labels,
+backward, clip_grad_norm_(1.0), torch.optim.AdamW step, zero_grad.
+
+  python benchmarks/train_step.py [--batch 8 --seq 128 --hidden 128 --layers 4 --experts 8
+                                   --topk 2 --steps 20 --moe-impl auto]
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+import torch
+import transformers
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from dsjax.checkpoint.hf_config import to_hf
+from dsjax.experiment import load_experiment
+from dsjax.model.moe import resolve_impl
+from dsjax.train.setup import build_run
+from dsjax.train.state import init_train_state
+
+CONFIG_FILE = "configs/tiny.py"
+LR, BETAS, WEIGHT_DECAY, EPS, CLIP = 3e-3, (0.9, 0.95), 0.1, 1e-8, 1.0
+
+
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  for name, default in (("batch", 8), ("seq", 128), ("hidden", 128), ("layers", 4),
+                        ("experts", 8), ("topk", 2), ("steps", 20), ("warmup", 3)):
+    parser.add_argument(f"--{name}", type=int, default=default)
+  parser.add_argument("--moe-impl", default="auto", choices=("auto", "dense", "blocked"))
+  parser.add_argument("--remat", default="none", help="dsjax model.remat_policy")
+  parser.add_argument("--no-scan", action="store_true", help="dsjax: unroll the layer stacks")
+  parser.add_argument("--torch-experts", default=None,
+                      help="transformers experts_implementation (default: its own choice)")
+  parser.add_argument("--only", choices=("dsjax", "torch"), default=None)
+  return parser.parse_args()
+
+
+def overrides(args) -> dict:
+  """configs/tiny.py with the benchmark's shape; MTP and the balance loss off, constant lr."""
+  width = args.hidden
+  return {
+      "model.hidden_size": width, "model.intermediate_size": 3 * width,
+      "model.num_hidden_layers": args.layers, "model.num_mtp_layers": 0,
+      "model.max_position_embeddings": max(512, args.seq),
+      "model.moe.n_routed_experts": args.experts, "model.moe.num_experts_per_tok": args.topk,
+      "model.moe.moe_intermediate_size": width // 2, "model.moe.impl": args.moe_impl,
+      "model.scan_layers": not args.no_scan, "model.remat_policy": args.remat,
+      "train.batch_size": args.batch, "train.seq_len": args.seq, "train.balance_alpha": 0.0,
+      "optimizer.schedule": "constant", "optimizer.warmup_steps": 0, "optimizer.lr": LR,
+      "optimizer.b1": BETAS[0], "optimizer.b2": BETAS[1], "optimizer.eps": EPS,
+      "optimizer.weight_decay": WEIGHT_DECAY, "optimizer.clip": CLIP,
+  }
+
+
+def token_batch(args, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+  """(inputs, targets) int32 [B, T]: random tokens, targets the next token of each input."""
+  ids = np.random.default_rng(0).integers(0, vocab, (args.batch, args.seq + 1), dtype=np.int32)
+  return ids[:, :-1], ids[:, 1:]
+
+
+def timed_steps(step, warmup: int, steps: int) -> list[float]:
+  """Seconds of each of `steps` calls of `step()` (which must block), after `warmup` calls."""
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+# ---- dsjax ----
+
+def dsjax_batch(run, inputs: np.ndarray, targets: np.ndarray) -> dict:
+  b, t = inputs.shape
+  host = {"inputs": inputs, "targets": targets,
+          "segment_ids": np.ones((b, t), np.int32),
+          "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+          "loss_mask": np.ones((b, t), np.float32)}
+  return {k: jax.device_put(v, run.batch_sharding) for k, v in host.items()}
+
+
+def bench_dsjax(run, inputs, targets, args) -> dict:
+  state = init_train_state(run.model_cfg, run.optimizer, run.cfg.seed, run.state_shardings)
+  batch = dsjax_batch(run, inputs, targets)
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = run.train_step(holder["state"], batch)
+    jax.block_until_ready((holder["state"], metrics))
+    holder["loss"] = metrics["loss"]
+
+  start = time.perf_counter()
+  step()  # compiles
+  compile_s = time.perf_counter() - start
+  times = timed_steps(step, args.warmup - 1, args.steps)
+  return dict(times=times, compile_s=compile_s, loss=float(holder["loss"]))
+
+
+# ---- transformers ----
+
+def torch_model(run, experts_impl: str | None) -> DeepseekV3ForCausalLM:
+  hf = to_hf(run.model_cfg)
+  hf.pop("architectures")
+  hf.pop("model_type")
+  config = DeepseekV3Config(**hf)
+  if experts_impl:
+    config._experts_implementation = experts_impl
+  torch.manual_seed(run.cfg.seed)
+  return DeepseekV3ForCausalLM(config).train()
+
+
+def torch_optimizer(model) -> torch.optim.AdamW:
+  """AdamW as dsjax's: weight decay on matrices only, same lr/betas/eps."""
+  params = [p for p in model.parameters() if p.requires_grad]
+  groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+  return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, foreach=True)
+
+
+def bench_torch(run, inputs, targets, args) -> dict:
+  model = torch_model(run, args.torch_experts)
+  optimizer = torch_optimizer(model)
+  ids, labels = torch.from_numpy(inputs).long(), torch.from_numpy(targets).long()
+  holder = {}
+
+  def step():
+    loss = model(input_ids=ids, labels=labels, shift_labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    holder["loss"] = loss.item()
+
+  times = timed_steps(step, args.warmup, args.steps)
+  impls = (f"attention={model.config._attn_implementation}, "
+           f"experts={model.config._experts_implementation}")
+  return dict(times=times, loss=holder["loss"], impls=impls)
+
+
+# ---- report ----
+
+def cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def describe(run, args) -> str:
+  m = run.model_cfg
+  moe, mla = m.moe, m.mla
+  return (f"model (configs/tiny.py shape, MTP off): hidden {m.hidden_size}, {m.num_hidden_layers}"
+          f" layers ({moe.first_k_dense_replace} dense + {m.num_moe_layers} MoE), dense MLP "
+          f"{m.intermediate_size}, {moe.n_routed_experts} routed experts top-{moe.num_experts_per_tok}"
+          f" (+{moe.n_shared_experts} shared) of width {moe.moe_intermediate_size}, "
+          f"{m.num_attention_heads} heads, q_lora {mla.q_lora_rank}, kv_lora {mla.kv_lora_rank}, "
+          f"vocab {m.vocab_size}\nbatch {args.batch} x {args.seq} tokens, fp32; AdamW lr {LR} "
+          f"betas {BETAS} wd {WEIGHT_DECAY} (matrices), clip {CLIP}; {args.steps} timed steps "
+          f"after {args.warmup} warm-up")
+
+
+def summary(name: str, result: dict, tokens: int) -> float:
+  median = statistics.median(result["times"])
+  best = min(result["times"])
+  print(f"{name}: median {median * 1e3:.1f} ms/step = {tokens / median:,.0f} tok/s "
+        f"(best {best * 1e3:.1f} ms, last loss {result['loss']:.3f})")
+  return tokens / median
+
+
+def main():
+  args = parse_args()
+  torch.set_num_threads(os.cpu_count())
+  run = build_run(load_experiment(CONFIG_FILE, overrides(args)))
+  inputs, targets = token_batch(args, run.model_cfg.vocab_size)
+  tokens = args.batch * args.seq
+  print(f"machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__} "
+        f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} "
+        f"threads), transformers {transformers.__version__}")
+  print(describe(run, args))
+  speeds = {}
+  if args.only != "torch":
+    ours = bench_dsjax(run, inputs, targets, args)
+    impl = resolve_impl(run.model_cfg.moe.impl, run.model_cfg.moe)
+    speeds["dsjax"] = summary(
+        f"dsjax (jit, moe={impl}, scan={run.model_cfg.scan_layers}, remat="
+        f"{run.model_cfg.remat_policy}, compile {ours['compile_s']:.1f} s)", ours, tokens)
+  if args.only != "dsjax":
+    ref = bench_torch(run, inputs, targets, args)
+    speeds["torch"] = summary(f"transformers (eager, {ref['impls']})", ref, tokens)
+  if len(speeds) == 2:
+    print(f"speed ratio dsjax / transformers: {speeds['dsjax'] / speeds['torch']:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
