@@ -71,15 +71,23 @@ def token_batch(args, vocab: int) -> tuple[np.ndarray, np.ndarray]:
   return ids[:, :-1], ids[:, 1:]
 
 
-def timed_steps(step, warmup: int, steps: int) -> list[float]:
-  """Seconds of each of `steps` calls of `step()` (which must block), after `warmup` calls."""
+def seconds(step) -> float:
+  start = time.perf_counter()
+  step()
+  return time.perf_counter() - start
+
+
+def timed_steps(steps_by_side: dict, warmup: int, count: int) -> dict[str, list[float]]:
+  """Seconds of each of `count` calls of every side's step (each call blocks until done),
+  after `warmup` calls. The sides alternate step by step, so background load on a shared
+  machine hits both alike."""
   for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
+    for step in steps_by_side.values():
+      step()
+  times = {name: [] for name in steps_by_side}
+  for _ in range(count):
+    for name, step in steps_by_side.items():
+      times[name].append(seconds(step))
   return times
 
 
@@ -94,7 +102,8 @@ def dsjax_batch(run, inputs: np.ndarray, targets: np.ndarray) -> dict:
   return {k: jax.device_put(v, run.batch_sharding) for k, v in host.items()}
 
 
-def bench_dsjax(run, inputs, targets, args) -> dict:
+def dsjax_step(run, inputs, targets):
+  """(step closure, compile seconds, last-loss getter) of the dsjax train step."""
   state = init_train_state(run.model_cfg, run.optimizer, run.cfg.seed, run.state_shardings)
   batch = dsjax_batch(run, inputs, targets)
   holder = {"state": state}
@@ -104,11 +113,8 @@ def bench_dsjax(run, inputs, targets, args) -> dict:
     jax.block_until_ready((holder["state"], metrics))
     holder["loss"] = metrics["loss"]
 
-  start = time.perf_counter()
-  step()  # compiles
-  compile_s = time.perf_counter() - start
-  times = timed_steps(step, args.warmup - 1, args.steps)
-  return dict(times=times, compile_s=compile_s, loss=float(holder["loss"]))
+  compile_s = seconds(step)  # the first call compiles
+  return step, compile_s, lambda: float(holder["loss"])
 
 
 # ---- transformers ----
@@ -132,13 +138,15 @@ def torch_optimizer(model) -> torch.optim.AdamW:
   return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, foreach=True)
 
 
-def bench_torch(run, inputs, targets, args) -> dict:
-  model = torch_model(run, args.torch_experts)
+def torch_step(run, inputs, targets, experts_impl: str | None):
+  """(step closure, implementation names, last-loss getter) of the PyTorch train step."""
+  model = torch_model(run, experts_impl)
   optimizer = torch_optimizer(model)
   ids, labels = torch.from_numpy(inputs).long(), torch.from_numpy(targets).long()
   holder = {}
 
   def step():
+    # shift_labels: `targets` are already the next tokens, so all B*T positions count.
     loss = model(input_ids=ids, labels=labels, shift_labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
@@ -146,10 +154,9 @@ def bench_torch(run, inputs, targets, args) -> dict:
     optimizer.zero_grad(set_to_none=True)
     holder["loss"] = loss.item()
 
-  times = timed_steps(step, args.warmup, args.steps)
   impls = (f"attention={model.config._attn_implementation}, "
            f"experts={model.config._experts_implementation}")
-  return dict(times=times, loss=holder["loss"], impls=impls)
+  return step, impls, lambda: holder["loss"]
 
 
 # ---- report ----
@@ -178,12 +185,25 @@ def describe(run, args) -> str:
           f"after {args.warmup} warm-up")
 
 
-def summary(name: str, result: dict, tokens: int) -> float:
-  median = statistics.median(result["times"])
-  best = min(result["times"])
+def summary(name: str, times: list[float], loss: float, tokens: int) -> float:
+  median = statistics.median(times)
   print(f"{name}: median {median * 1e3:.1f} ms/step = {tokens / median:,.0f} tok/s "
-        f"(best {best * 1e3:.1f} ms, last loss {result['loss']:.3f})")
+        f"(best {min(times) * 1e3:.1f} ms, worst {max(times) * 1e3:.1f} ms; last loss {loss:.3f})")
   return tokens / median
+
+
+def sides(run, inputs, targets, args) -> dict:
+  """{name: (label, step closure, last-loss getter)} of the sides to time."""
+  out = {}
+  if args.only != "torch":
+    step, compile_s, loss = dsjax_step(run, inputs, targets)
+    m = run.model_cfg
+    out["dsjax"] = (f"dsjax (jit, moe={resolve_impl(m.moe.impl, m.moe)}, scan={m.scan_layers}, "
+                    f"remat={m.remat_policy}; compile {compile_s:.1f} s)", step, loss)
+  if args.only != "dsjax":
+    step, impls, loss = torch_step(run, inputs, targets, args.torch_experts)
+    out["torch"] = (f"transformers (eager, {impls})", step, loss)
+  return out
 
 
 def main():
@@ -196,16 +216,11 @@ def main():
         f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} "
         f"threads), transformers {transformers.__version__}")
   print(describe(run, args))
-  speeds = {}
-  if args.only != "torch":
-    ours = bench_dsjax(run, inputs, targets, args)
-    impl = resolve_impl(run.model_cfg.moe.impl, run.model_cfg.moe)
-    speeds["dsjax"] = summary(
-        f"dsjax (jit, moe={impl}, scan={run.model_cfg.scan_layers}, remat="
-        f"{run.model_cfg.remat_policy}, compile {ours['compile_s']:.1f} s)", ours, tokens)
-  if args.only != "dsjax":
-    ref = bench_torch(run, inputs, targets, args)
-    speeds["torch"] = summary(f"transformers (eager, {ref['impls']})", ref, tokens)
+  timed = sides(run, inputs, targets, args)
+  times = timed_steps({name: step for name, (_, step, _) in timed.items()}, args.warmup,
+                      args.steps)
+  speeds = {name: summary(label, times[name], loss(), tokens)
+            for name, (label, _, loss) in timed.items()}
   if len(speeds) == 2:
     print(f"speed ratio dsjax / transformers: {speeds['dsjax'] / speeds['torch']:.2f}x")
 

@@ -23,5 +23,6 @@ def get_config():
       train=dict(steps=10_000, batch_size=256, seq_len=4096, log_every=10,
                  checkpoint_every=500, eval_every=500),
       optimizer=dict(lr=4.2e-4, warmup_steps=2000, schedule="cosine", weight_decay=0.1, clip=1.0),
-      data=dict(source="default", tokenizer="deepseek-ai/DeepSeek-V2-Lite"),
+      # data.tokenizer: the HF checkpoint directory (or its tokenizer.json), downloaded separately.
+      data=dict(source="default", tokenizer="DeepSeek-V2-Lite"),
       mesh=dict(data=1, fsdp=-1, expert=1, tensor=1))

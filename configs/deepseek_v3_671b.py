@@ -1,6 +1,7 @@
 """DeepSeek-V3 (671B total, 37B activated; +14B MTP module): the hyper-parameters of
 deepseek-ai/DeepSeek-V3's config.json. Pre-training recipe values from the V3 report
-(lr 2.2e-4, 2K warmup steps, weight decay 0.1, clip 1.0, 4K sequences)."""
+(lr 2.2e-4, 2K warmup steps, weight decay 0.1, clip 1.0, 4K sequences, MTP lambda 0.3,
+balance alpha 1e-4, bias update gamma 1e-3)."""
 
 from dsjax.experiment import experiment_config
 
@@ -18,12 +19,17 @@ def get_config():
                topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5,
                first_k_dense_replace=3),
       num_mtp_layers=1, max_position_embeddings=163840, rms_norm_eps=1e-6,
-      bos_token_id=0, eos_token_id=1, dtype="bfloat16", param_dtype="bfloat16",
+      # bf16 compute over fp32 master weights (the optimizer updates fp32 params).
+      bos_token_id=0, eos_token_id=1, dtype="bfloat16", param_dtype="float32",
       remat_policy="full")
   return experiment_config(
       model, seed=0,
       train=dict(steps=100_000, batch_size=4096, seq_len=4096, log_every=10,
-                 checkpoint_every=1000, eval_every=1000),
-      optimizer=dict(lr=2.2e-4, warmup_steps=2000, schedule="cosine", weight_decay=0.1, clip=1.0),
-      data=dict(source="default", tokenizer="deepseek-ai/DeepSeek-V3"),
+                 checkpoint_every=1000, eval_every=1000, mtp_weight=0.3, balance_alpha=1e-4,
+                 router_bias_rate=1e-3),
+      # Warm-up, constant lr for 10T of the 14.8T tokens, cosine decay to 2.2e-5 over 4.3T.
+      optimizer=dict(lr=2.2e-4, warmup_steps=2000, schedule="deepseek_v3", decay_fraction=0.29,
+                     min_lr_ratio=0.1, weight_decay=0.1, clip=1.0),
+      # data.tokenizer: the HF checkpoint directory (or its tokenizer.json), downloaded separately.
+      data=dict(source="default", tokenizer="DeepSeek-V3"),
       mesh=dict(data=1, fsdp=-1, expert=1, tensor=1))

@@ -24,5 +24,6 @@ def get_config():
       train=dict(steps=10_000, batch_size=256, seq_len=8192, log_every=10,
                  checkpoint_every=500, eval_every=500),
       optimizer=dict(lr=4.2e-4, warmup_steps=2000, schedule="cosine", weight_decay=0.1, clip=1.0),
-      data=dict(source="default", tokenizer="moonshotai/Moonlight-16B-A3B"),
+      # data.tokenizer: the HF checkpoint directory (or its tokenizer.json), downloaded separately.
+      data=dict(source="default", tokenizer="Moonlight-16B-A3B"),
       mesh=dict(data=1, fsdp=-1, expert=1, tensor=1))

@@ -129,18 +129,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, devices=No
   workdir.mkdir(parents=True, exist_ok=True)
   checkpointer = TrainCheckpointer(workdir / CHECKPOINT_DIR, keep=cfg.train.keep_checkpoints,
                                    async_save=cfg.train.async_checkpoint)
-  iterator = run.data.train_iterator()
-  state = _initial_state(run, checkpointer, iterator, log)
-  _write_experiment(workdir, run)
-  start = int(state.step)
-  log(f"dsjax: {run.model_cfg.num_hidden_layers}-layer model, mesh {dict(run.mesh.shape)}, "
-      f"batch {cfg.train.batch_size}x{cfg.train.seq_len}, steps {start}->{cfg.train.steps}, "
-      f"workdir {workdir}")
-  writer = MetricsWriter(workdir, resume_step=start)
+  iterator, writer = run.data.train_iterator(), None
   try:
+    state = _initial_state(run, checkpointer, iterator, log)
+    _write_experiment(workdir, run)
+    start = int(state.step)
+    log(f"dsjax: {run.model_cfg.num_hidden_layers}-layer model, mesh {dict(run.mesh.shape)}, "
+        f"batch {cfg.train.batch_size}x{cfg.train.seq_len}, steps {start}->{cfg.train.steps}, "
+        f"workdir {workdir}")
+    log(run.data.describe())
+    writer = MetricsWriter(workdir, resume_step=start)
     state, summary = _loop(run, state, iterator, checkpointer, writer, start, log)
   finally:
-    writer.close()
+    iterator.close()
+    if writer is not None:
+      writer.close()
     checkpointer.wait()
     checkpointer.close()
   summary["sample"] = _print_sample(run, state, log)
