@@ -56,12 +56,13 @@ def checkpoint_model_config(path: str) -> ModelConfig:
   """The ModelConfig stored in a HF checkpoint (config.json) or a dsjax Orbax model directory
   (model_config.json)."""
   from dsjax.checkpoint.hf_checkpoint import read_hf_config
+  from dsjax.checkpoint.hf_config import from_hf
   from dsjax.checkpoint.orbax_io import CONFIG_FILE
   directory = Path(path)
   if (directory / CONFIG_FILE).is_file():
     return ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
   if (directory / "config.json").is_file():
-    return read_hf_config(directory)
+    return from_hf(read_hf_config(directory))
   raise FileNotFoundError(f"train.init_from={path!r} is neither a HuggingFace checkpoint "
                           "(config.json) nor a dsjax Orbax model (model_config.json); point "
                           "--config.train.init_from at a converted checkpoint directory.")
