@@ -51,18 +51,29 @@ def _kill_after_line(workdir, marker: str, overrides: dict) -> str:
   return "".join(seen)
 
 
-def test_sigkill_mid_run_then_resume_is_exact(straight, tmp_path):
-  _, expected, _ = straight
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+  """A run SIGKILLed after step 6: (workdir, {step: loss} logged before the kill)."""
+  workdir = tmp_path_factory.mktemp("killed")
   # Synchronous saves here, so that step 4's checkpoint is surely complete at the kill (the
-  # next test kills during an asynchronous write).
-  _kill_after_line(tmp_path, f"step 6/{STEPS} ", {"train.async_checkpoint": False})
-  before = losses(tmp_path)
+  # last test kills during an asynchronous write).
+  _kill_after_line(workdir, f"step 6/{STEPS} ", {"train.async_checkpoint": False})
+  return workdir, losses(workdir)
+
+
+def test_same_seed_and_config_give_identical_losses(straight, killed):
+  _, expected, _ = straight
+  _, before = killed  # a second process, same command: the same losses bit for bit
   assert max(before) == 6
-  # Same seed and config in a fresh process: identical losses (determinism).
   assert before == {s: expected[s] for s in before}
-  result = _complete(run_train_cli(tmp_path, env_extra=ENV))
+
+
+def test_sigkill_mid_run_then_resume_is_exact(straight, killed):
+  _, expected, _ = straight
+  workdir, _ = killed
+  result = _complete(run_train_cli(workdir, env_extra=ENV))
   assert "Resumed from step 4" in result.stdout
-  assert losses(tmp_path) == expected  # steps 5..8 redone, bit for bit
+  assert losses(workdir) == expected  # steps 5..8 redone, bit for bit
 
 
 def test_sigkill_during_checkpoint_write_then_resume_is_exact(straight, tmp_path):
