@@ -6,7 +6,9 @@ dsjax: the jitted `train_step` of `build_run(load_experiment("configs/tiny.py", 
 (AdamW + global-norm clipping, next-token loss, router-bias update on; MTP and the balance
 loss off, as transformers' DeepseekV3ForCausalLM trains neither).
 transformers: DeepseekV3ForCausalLM built from `to_hf(model_cfg)`, eager, forward with labels,
-backward, clip_grad_norm_(1.0), torch.optim.AdamW step, zero_grad.
+backward, clip_grad_norm_(1.0), torch.optim.AdamW step, zero_grad. Both sides start from their
+own random init (same shapes). Each timed step is synchronous (block_until_ready / loss.item());
+the two sides alternate step by step so that background load on a shared machine hits both.
 
   python benchmarks/train_step.py [--batch 8 --seq 128 --hidden 128 --layers 4 --experts 8
                                    --topk 2 --steps 20 --moe-impl auto]
@@ -175,14 +177,16 @@ def cpu_name() -> str:
 def describe(run, args) -> str:
   m = run.model_cfg
   moe, mla = m.moe, m.mla
-  return (f"model (configs/tiny.py shape, MTP off): hidden {m.hidden_size}, {m.num_hidden_layers}"
-          f" layers ({moe.first_k_dense_replace} dense + {m.num_moe_layers} MoE), dense MLP "
-          f"{m.intermediate_size}, {moe.n_routed_experts} routed experts top-{moe.num_experts_per_tok}"
-          f" (+{moe.n_shared_experts} shared) of width {moe.moe_intermediate_size}, "
-          f"{m.num_attention_heads} heads, q_lora {mla.q_lora_rank}, kv_lora {mla.kv_lora_rank}, "
-          f"vocab {m.vocab_size}\nbatch {args.batch} x {args.seq} tokens, fp32; AdamW lr {LR} "
-          f"betas {BETAS} wd {WEIGHT_DECAY} (matrices), clip {CLIP}; {args.steps} timed steps "
-          f"after {args.warmup} warm-up")
+  model = (f"model (configs/tiny.py layout, MTP off): hidden {m.hidden_size}, "
+           f"{m.num_hidden_layers} layers ({moe.first_k_dense_replace} dense + "
+           f"{m.num_moe_layers} MoE), dense MLP {m.intermediate_size}, {moe.n_routed_experts} "
+           f"routed experts top-{moe.num_experts_per_tok} (+{moe.n_shared_experts} shared) of "
+           f"width {moe.moe_intermediate_size}, {m.num_attention_heads} heads, q_lora "
+           f"{mla.q_lora_rank}, kv_lora {mla.kv_lora_rank}, vocab {m.vocab_size}")
+  run_line = (f"batch {args.batch} x {args.seq} tokens, fp32; AdamW lr {LR} betas {BETAS} "
+              f"wd {WEIGHT_DECAY} (matrices), clip {CLIP}; {args.steps} timed steps per side "
+              f"after {args.warmup} warm-up")
+  return model + "\n" + run_line
 
 
 def summary(name: str, times: list[float], loss: float, tokens: int) -> float:
