@@ -7,19 +7,15 @@ and data-iterator position), and the resumed run's losses equal an uninterrupted
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dsjax.parallel.mesh import batch_parallelism
 from dsjax.train.checkpointing import TrainCheckpointer
 from dsjax.train.flops import peak_flops, train_flops_per_token
 from dsjax.train.metrics import MetricsWriter

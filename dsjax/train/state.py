@@ -52,26 +52,42 @@ def init_train_state(cfg: ModelConfig, optimizer, seed: int, shardings) -> Train
                  out_shardings=shardings)()
 
 
+def _checkpoint_format(path: str) -> str:
+  """"orbax" for a dsjax Orbax model directory (model_config.json), "hf" for a HuggingFace
+  checkpoint (config.json)."""
+  from dsjax.checkpoint.orbax_io import CONFIG_FILE
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"train.init_from={path!r} does not exist; set "
+                            "--config.train.init_from to a checkpoint directory.")
+  if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    return "orbax"
+  if os.path.isfile(os.path.join(path, "config.json")):
+    return "hf"
+  raise FileNotFoundError(f"train.init_from={path!r} is neither a HuggingFace checkpoint "
+                          "(config.json) nor a dsjax Orbax model (model_config.json); point "
+                          "--config.train.init_from at a converted checkpoint directory.")
+
+
 def checkpoint_model_config(path: str) -> ModelConfig:
   """The ModelConfig stored in a HF checkpoint (config.json) or a dsjax Orbax model directory
   (model_config.json)."""
   from dsjax.checkpoint.hf_checkpoint import read_hf_config
   from dsjax.checkpoint.hf_config import from_hf
   from dsjax.checkpoint.orbax_io import CONFIG_FILE
-  directory = Path(path)
-  if (directory / CONFIG_FILE).is_file():
-    return ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-  if (directory / "config.json").is_file():
-    return from_hf(read_hf_config(directory))
-  raise FileNotFoundError(f"train.init_from={path!r} is neither a HuggingFace checkpoint "
-                          "(config.json) nor a dsjax Orbax model (model_config.json); point "
-                          "--config.train.init_from at a converted checkpoint directory.")
+  if _checkpoint_format(path) == "orbax":
+    return ModelConfig.from_dict(json.loads((Path(path) / CONFIG_FILE).read_text()))
+  return from_hf(read_hf_config(path))
+
+
+def _runtime_overrides(cfg: ModelConfig) -> dict:
+  """`cfg`'s RUNTIME_FIELDS and max_position_embeddings: what a fine-tuning run may change."""
+  return {**{f: getattr(cfg, f) for f in RUNTIME_FIELDS},
+          "max_position_embeddings": cfg.max_position_embeddings}
 
 
 def check_same_architecture(expected: ModelConfig, found: ModelConfig, path: str) -> None:
   """Raises ValueError listing the fields where the checkpoint's model differs."""
-  runtime = {f: getattr(expected, f) for f in RUNTIME_FIELDS}
-  found = found.replace(**runtime, max_position_embeddings=expected.max_position_embeddings)
+  found = found.replace(**_runtime_overrides(expected))
   if found.moe is not None and expected.moe is not None:
     found = found.replace(moe=dataclasses.replace(found.moe, impl=expected.moe.impl))
   a, b = expected.to_dict(), found.to_dict()
@@ -85,17 +101,13 @@ def check_same_architecture(expected: ModelConfig, found: ModelConfig, path: str
 def load_pretrained(path: str, cfg: ModelConfig) -> Transformer:
   """The model of checkpoint `path`, run with `cfg`'s runtime fields (dtype, scan, remat)."""
   path = os.fspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"train.init_from={path!r} does not exist; set "
-                            "--config.train.init_from to a checkpoint directory.")
   check_same_architecture(cfg, checkpoint_model_config(path), path)
-  overrides = {f: getattr(cfg, f) for f in RUNTIME_FIELDS}
-  overrides["max_position_embeddings"] = cfg.max_position_embeddings
-  if os.path.isfile(os.path.join(path, "config.json")):
+  if _checkpoint_format(path) == "hf":
     from dsjax.checkpoint.hf_checkpoint import load_hf_checkpoint
-    return load_hf_checkpoint(path, dtype=jnp.dtype(cfg.param_dtype), config_overrides=overrides)
+    return load_hf_checkpoint(path, dtype=jnp.dtype(cfg.param_dtype),
+                              config_overrides=_runtime_overrides(cfg))
   from dsjax.checkpoint.orbax_io import load_model
-  return load_model(path, config_overrides=overrides)
+  return load_model(path, config_overrides=_runtime_overrides(cfg))
 
 
 def pretrained_train_state(path: str, cfg: ModelConfig, optimizer, seed: int,

@@ -58,15 +58,19 @@ def _batch_weights(batch: Batch, depths: int, micro_batches: int) -> _Weights:
   return _Weights(jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0), mtp, micro_batches)
 
 
-def _routing_terms(routing, batch: Batch, moe, s: StepSettings):
+def _token_mask(segment_ids: jax.Array) -> jax.Array:
+  """float[B*T]: 1 for real tokens, 0 for padding, in the routing's flattened token order."""
+  return (segment_ids > 0).reshape(-1).astype(jnp.float32)
+
+
+def _routing_terms(routing, segment_ids: jax.Array, moe, s: StepSettings):
   """(balance loss summed over layers, expert load [L,E]) of one routing [L, B*T, ...]."""
-  token_mask = (batch["segment_ids"] > 0).reshape(-1).astype(jnp.float32)
+  token_mask = _token_mask(segment_ids)
   load = losses.expert_load(routing.expert_ids, moe.n_routed_experts, token_mask)
   if not s.balance_alpha:
     return jnp.zeros(()), load
-  balance = losses.sequence_balance_loss(routing.scores, routing.expert_ids,
-                                         batch["segment_ids"], moe.num_experts_per_tok,
-                                         token_mask)
+  balance = losses.sequence_balance_loss(routing.scores, routing.expert_ids, segment_ids,
+                                         moe.num_experts_per_tok, token_mask)
   return jnp.sum(balance), load
 
 
@@ -80,7 +84,7 @@ def _micro_loss(params, router_bias, graphdef, batch: Batch, w: _Weights, s: Ste
   moe = model.config.moe
   loads, balance = {}, jnp.zeros(())
   if out.routing is not None:
-    balance, loads["main"] = _routing_terms(out.routing, batch, moe, s)
+    balance, loads["main"] = _routing_terms(out.routing, batch["segment_ids"], moe, s)
   if len(w.mtp):
     mtp_loss = jnp.zeros(())
     outputs = model.mtp_forward(batch["inputs"], out.hidden, batch["positions"],
@@ -89,10 +93,10 @@ def _micro_loss(params, router_bias, graphdef, batch: Batch, w: _Weights, s: Ste
       targets, mask = losses.mtp_targets(batch["targets"], batch["segment_ids"],
                                          batch["loss_mask"], k)
       mtp_loss += losses.cross_entropy(logits, targets, mask).loss_sum / w.mtp[k - 1]
-      if routing is not None:
-        sub = {key: v[:, k:] for key, v in batch.items()}
-        _, load = _routing_terms(routing, sub, moe, dataclasses.replace(s, balance_alpha=0.0))
-        loads[f"mtp{k - 1}"] = load[0]  # the module's single MoE layer: [E]
+      if routing is not None:  # the module's single MoE layer: load [E], no balance loss
+        loads[f"mtp{k - 1}"] = losses.expert_load(
+            routing.expert_ids, moe.n_routed_experts,
+            _token_mask(batch["segment_ids"][:, k:]))[0]
     aux["mtp_loss"] = mtp_loss / len(w.mtp)
     total += s.mtp_weight * aux["mtp_loss"]
   aux["balance_loss"] = balance / w.micro_batches
