@@ -9,6 +9,7 @@ from dsjax.model.mla import MLA
 from dsjax.model.mlp import MLP
 from dsjax.model.moe import MoE
 from dsjax.model.norm import RMSNorm
+from dsjax.ops.latent_attention import KeySegment
 from dsjax.ops.routing import Routing
 
 
@@ -28,7 +29,21 @@ class Block(nnx.Module):
 
   def __call__(self, x, cos, sin, mask, moe_impl: str | None = None
                ) -> tuple[jax.Array, Routing | None]:
-    x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    return self._ffn(x + self.attn(self.attn_norm(x), cos, sin, mask), moe_impl)
+
+  def prefill(self, x, cos, sin, mask, moe_impl: str | None = None):
+    """(x, routing, the tokens' latent (c_kv, k_pe) for the decode cache)."""
+    h, latent = self.attn.prefill(self.attn_norm(x), cos, sin, mask)
+    x, routing = self._ffn(x + h, moe_impl)
+    return x, routing, latent
+
+  def decode(self, x, cos, sin, cache: KeySegment, new_mask, attn_impl: str = "absorb",
+             moe_impl: str | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(x, the new tokens' latent (c_kv, k_pe)); see MLA.decode."""
+    h, latent = self.attn.decode(self.attn_norm(x), cos, sin, cache, new_mask, attn_impl)
+    return self._ffn(x + h, moe_impl)[0], latent
+
+  def _ffn(self, x, moe_impl) -> tuple[jax.Array, Routing | None]:
     h = self.ffn_norm(x)
     if self.use_moe:
       h, routing = self.ffn(h, moe_impl)

@@ -14,6 +14,7 @@ from dsjax.config import ModelConfig
 from dsjax.model.norm import RMSNorm
 from dsjax.model.param import normal_param
 from dsjax.ops.attention import dot_product_attention
+from dsjax.ops.latent_attention import KeySegment, latent_attention
 from dsjax.ops.rope import apply_rope
 
 
@@ -72,6 +73,23 @@ class MLA(nnx.Module):
     return jnp.einsum("BTNH,NHD->BTD", out, self._w("wo"))
 
   def __call__(self, x, cos, sin, mask) -> jax.Array:
+    return self.prefill(x, cos, sin, mask)[0]
+
+  def prefill(self, x, cos, sin, mask) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The training forward pass that also returns what the cache stores: (out [B,T,D],
+    (c_kv [B,T,C], k_pe [B,T,R]))."""
     q_nope, q_pe = self.project_queries(x, cos, sin)
     c_kv, k_pe = self.project_latent(x, cos, sin)
-    return self.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask)
+    return self.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask), (c_kv, k_pe)
+
+  def decode(self, x, cos, sin, cache: KeySegment, new_mask, impl: str = "absorb"
+             ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Attention of T new tokens x [B,T,D] over the cached latents (`cache`: c_kv [B,S,C],
+    k_pe [B,S,R] and which slots each query sees) and over themselves (`new_mask`
+    [B,1,T,T]). Returns (out [B,T,D], the new tokens' (c_kv, k_pe)) for the caller to store."""
+    q_nope, q_pe = self.project_queries(x, cos, sin)
+    c_kv, k_pe = self.project_latent(x, cos, sin)
+    segments = (cache, KeySegment(c_kv.astype(cache.c_kv.dtype), k_pe.astype(cache.k_pe.dtype),
+                                  new_mask))
+    out = latent_attention(q_nope, q_pe, segments, self._w("wkv_b"), self.scale, impl)
+    return jnp.einsum("BTNH,NHD->BTD", out, self._w("wo")), (c_kv, k_pe)

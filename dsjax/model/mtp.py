@@ -13,6 +13,7 @@ from dsjax.config import ModelConfig
 from dsjax.model.block import Block
 from dsjax.model.norm import RMSNorm
 from dsjax.model.param import normal_param
+from dsjax.ops.latent_attention import KeySegment
 from dsjax.ops.routing import Routing
 
 
@@ -31,7 +32,21 @@ class MTPModule(nnx.Module):
 
   def __call__(self, embedded, hidden, cos, sin, mask, moe_impl=None
                ) -> tuple[jax.Array, Routing | None]:
-    x = jnp.concatenate([self.enorm(embedded), self.hnorm(hidden)], axis=-1)
-    x = jnp.einsum("BTI,ID->BTD", x, self.eh_proj[...].astype(self.dtype))
-    x, routing = self.block(x, cos, sin, mask, moe_impl)
+    x, routing = self.block(self._mix(embedded, hidden), cos, sin, mask, moe_impl)
     return self.norm(x), routing
+
+  def prefill(self, embedded, hidden, cos, sin, mask, moe_impl=None):
+    """(normalised hidden, the block's latent (c_kv, k_pe) for the decode cache)."""
+    x, _, latent = self.block.prefill(self._mix(embedded, hidden), cos, sin, mask, moe_impl)
+    return self.norm(x), latent
+
+  def decode(self, embedded, hidden, cos, sin, cache: KeySegment, new_mask,
+             attn_impl="absorb", moe_impl=None):
+    """(normalised hidden, the new tokens' latent); see MLA.decode."""
+    x, latent = self.block.decode(self._mix(embedded, hidden), cos, sin, cache, new_mask,
+                                  attn_impl, moe_impl)
+    return self.norm(x), latent
+
+  def _mix(self, embedded, hidden) -> jax.Array:
+    x = jnp.concatenate([self.enorm(embedded), self.hnorm(hidden)], axis=-1)
+    return jnp.einsum("BTI,ID->BTD", x, self.eh_proj[...].astype(self.dtype))

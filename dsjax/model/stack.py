@@ -1,12 +1,16 @@
 """A stack of identical blocks with parameters stacked on a leading `layers` axis, run with
 jax.lax.scan (or unrolled, for tests and debugging) under a remat policy."""
 
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig
 from dsjax.model.block import Block
 from dsjax.model.param import AXES
+from dsjax.ops.latent_attention import KeySegment
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -19,6 +23,13 @@ def _prepend_layers_axis(module: nnx.Module) -> None:
   for _, variable in nnx.iter_graph(module):
     if isinstance(variable, nnx.Variable) and AXES in variable.get_metadata():
       variable.set_metadata(AXES, ("layers",) + tuple(variable.get_metadata()[AXES]))
+
+
+class LatentCache(NamedTuple):
+  """The decode cache of a stack of MLA layers: normalised c_kv [L,B,S,C] and rotated shared
+  rope keys k_pe [L,B,S,R]; slot s holds the token at position s."""
+  c_kv: jax.Array
+  k_pe: jax.Array
 
 
 class LayerStack(nnx.Module):
@@ -37,10 +48,51 @@ class LayerStack(nnx.Module):
     self.remat_policy = cfg.remat_policy
 
   def __call__(self, x, cos, sin, mask, moe_impl: str | None = None, scan: bool | None = None):
+    return self._run(lambda block, h: block(h, cos, sin, mask, moe_impl), x, scan)
+
+  def prefill(self, x, cos, sin, mask, moe_impl: str | None = None, scan: bool | None = None):
+    """(x, routing, LatentCache of the T tokens: c_kv [L,B,T,C], k_pe [L,B,T,R])."""
+    def layer(block, h):
+      h, routing, latent = block.prefill(h, cos, sin, mask, moe_impl)
+      return h, (routing, latent)
+    x, (routing, latent) = self._run(layer, x, scan)
+    return x, routing, LatentCache(*latent)
+
+  def decode(self, x, cos, sin, cache: LatentCache, positions, cache_mask, new_mask,
+             attn_impl: str = "absorb", moe_impl: str | None = None, scan: bool | None = None
+             ) -> tuple[jax.Array, LatentCache]:
+    """T new tokens x [B,T,D] at `positions` int[B,T] through every layer: each layer attends
+    over its cache slots (`cache_mask` [B,1,T,S]) and the new tokens (`new_mask` [B,1,T,T]),
+    and the new tokens' latents are written to slots `positions` of the returned cache."""
+    graphdef, state = nnx.split(self.blocks)
+    rows = jnp.arange(x.shape[0])[:, None]
+
+    def body(carry, layer):
+      h, c_kv, k_pe = carry
+      layer_state, i = layer
+      segment = KeySegment(c_kv[i], k_pe[i], cache_mask)
+      h, (new_c, new_pe) = nnx.merge(graphdef, layer_state).decode(
+          h, cos, sin, segment, new_mask, attn_impl, moe_impl)
+      c_kv = c_kv.at[i, rows, positions].set(new_c.astype(c_kv.dtype))
+      k_pe = k_pe.at[i, rows, positions].set(new_pe.astype(k_pe.dtype))
+      return (h, c_kv, k_pe), None
+
+    carry = (x, cache.c_kv, cache.k_pe)
+    if self.scan if scan is None else scan:
+      carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(self.num_layers)))
+    else:
+      for i in range(self.num_layers):
+        carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], state), i))
+    x, c_kv, k_pe = carry
+    return x, LatentCache(c_kv, k_pe)
+
+  def _run(self, layer_fn, x, scan: bool | None):
+    """Runs `layer_fn(block, h) -> (h, per-layer outputs)` over the layers (scanned or
+    unrolled, under the remat policy); per-layer outputs are stacked on axis 0."""
     graphdef, state = nnx.split(self.blocks)
 
     def body(h, layer_state):
-      return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, moe_impl)
+      return layer_fn(nnx.merge(graphdef, layer_state), h)
 
     if self.remat_policy != "none":
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat_policy])
@@ -50,4 +102,5 @@ class LayerStack(nnx.Module):
     for i in range(self.num_layers):
       x, out = body(x, jax.tree.map(lambda a, i=i: a[i], state))
       outputs.append(out)
-    return x, jax.tree.map(lambda *a: jax.numpy.stack(a), *outputs)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+

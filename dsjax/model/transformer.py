@@ -10,8 +10,9 @@ from dsjax.config import ModelConfig
 from dsjax.model.mtp import MTPModule
 from dsjax.model.norm import RMSNorm
 from dsjax.model.param import normal_param
-from dsjax.model.stack import LayerStack
-from dsjax.ops.attention import attention_mask
+from dsjax.model.stack import LatentCache, LayerStack
+from dsjax.ops.attention import attention_mask, decode_masks
+from dsjax.ops.latent_attention import KeySegment
 from dsjax.ops.rope import rope_cos_sin
 from dsjax.ops.routing import Routing
 
@@ -22,6 +23,14 @@ class ModelOutput(NamedTuple):
   logits: jax.Array
   hidden: jax.Array
   routing: Routing | None
+
+
+class DecodeCache(NamedTuple):
+  """MLA latent caches of the dense stack, the MoE stack and the first MTP module (None where
+  the model has none), each a LatentCache with slot s holding the token at position s."""
+  dense: LatentCache | None
+  moe: LatentCache | None
+  mtp: LatentCache | None
 
 
 class Transformer(nnx.Module):
@@ -74,6 +83,79 @@ class Transformer(nnx.Module):
       x, routing = self.moe_layers(x, cos, sin, mask, moe_impl, scan)
     hidden = self.norm(x)
     return ModelOutput(self.logits_from_hidden(hidden), hidden, routing)
+
+  def prefill(self, input_ids: jax.Array, positions: jax.Array | None = None,
+              moe_impl: str | None = None, scan: bool | None = None
+              ) -> tuple[ModelOutput, DecodeCache]:
+    """forward() that also returns what the decode cache stores for these T tokens: a
+    DecodeCache with S = T (slot t = token t) for the dense and MoE stacks (mtp None)."""
+    self._check_input(input_ids)
+    positions = self.default_positions(input_ids) if positions is None else positions
+    cos, sin, mask = self._rope_and_mask(positions, None)
+    x = self.embed_tokens(input_ids)
+    routing = dense = moe = None
+    if self.dense_layers is not None:
+      x, _, dense = self.dense_layers.prefill(x, cos, sin, mask, moe_impl, scan)
+    if self.moe_layers is not None:
+      x, routing, moe = self.moe_layers.prefill(x, cos, sin, mask, moe_impl, scan)
+    hidden = self.norm(x)
+    return (ModelOutput(self.logits_from_hidden(hidden), hidden, routing),
+            DecodeCache(dense, moe, None))
+
+  def decode(self, input_ids: jax.Array, positions: jax.Array, cache: DecodeCache,
+             attn_impl: str = "absorb", moe_impl: str | None = None, scan: bool | None = None
+             ) -> tuple[jax.Array, jax.Array, DecodeCache]:
+    """T new tokens input_ids int[B,T] at positions int[B,T] (consecutive per row), attending
+    over cache slots below each row's first position and over each other. Returns (logits
+    [B,T,V], final hidden [B,T,D], the cache with the new tokens written at their positions).
+    attn_impl "absorb" attends in the latent space; "naive" expands keys/values."""
+    cos, sin = rope_cos_sin(positions, self.config.rope, self.config.mla.qk_rope_head_dim)
+    slots = (cache.dense or cache.moe).c_kv.shape[2]
+    cache_mask, new_mask = decode_masks(positions, slots)
+    x = self.embed_tokens(input_ids)
+    stacks = {}
+    for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
+      if stack is not None:
+        x, stacks[name] = stack.decode(x, cos, sin, getattr(cache, name), positions, cache_mask,
+                                       new_mask, attn_impl, moe_impl, scan)
+    hidden = self.norm(x)
+    return self.logits_from_hidden(hidden), hidden, cache._replace(**stacks)
+
+  def mtp_prefill(self, next_ids: jax.Array, hidden: jax.Array, positions: jax.Array,
+                  moe_impl: str | None = None) -> tuple[jax.Array, LatentCache]:
+    """The first MTP module over aligned inputs: row i pairs hidden[:, i] (main model, token
+    i-1) with next_ids[:, i] at positions[:, i]. Returns (logits [B,T,V] predicting the token
+    after next_ids, its latent cache [1,B,T,...] with slot t for input t)."""
+    module = self._first_mtp()
+    cos, sin, mask = self._rope_and_mask(positions, None)
+    out, (c_kv, k_pe) = module.prefill(self.embed_tokens(next_ids), hidden, cos, sin, mask,
+                                       moe_impl)
+    return self.logits_from_hidden(out), LatentCache(c_kv[None], k_pe[None])
+
+  def mtp_decode(self, next_ids: jax.Array, hidden: jax.Array, positions: jax.Array,
+                 cache: LatentCache, attn_impl: str = "absorb", moe_impl: str | None = None
+                 ) -> tuple[jax.Array, LatentCache]:
+    """mtp_prefill for new inputs at positions int[B,T] over the module's cache [1,B,S,...];
+    returns (logits [B,T,V], the cache with the new inputs written at their positions)."""
+    module = self._first_mtp()
+    cos, sin = rope_cos_sin(positions, self.config.rope, self.config.mla.qk_rope_head_dim)
+    cache_mask, new_mask = decode_masks(positions, cache.c_kv.shape[2])
+    # The module's first input sits at position 1 (it pairs hidden state 0 with token 1), so
+    # slot 0 is never written.
+    cache_mask = cache_mask.at[..., 0].set(False)
+    segment = KeySegment(cache.c_kv[0], cache.k_pe[0], cache_mask)
+    out, (c_kv, k_pe) = module.decode(self.embed_tokens(next_ids), hidden, cos, sin, segment,
+                                      new_mask, attn_impl, moe_impl)
+    rows = jnp.arange(next_ids.shape[0])[:, None]
+    return self.logits_from_hidden(out), LatentCache(
+        cache.c_kv.at[0, rows, positions].set(c_kv.astype(cache.c_kv.dtype)),
+        cache.k_pe.at[0, rows, positions].set(k_pe.astype(cache.k_pe.dtype)))
+
+  def _first_mtp(self) -> MTPModule:
+    if not len(self.mtp):
+      raise ValueError("This model has num_mtp_layers=0: MTP drafting needs an MTP module; "
+                       "use a checkpoint with MTP weights or turn speculative decoding off.")
+    return self.mtp[0]
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:

@@ -16,6 +16,16 @@ def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
   return mask[:, None, :, :]
 
 
+def decode_masks(positions: jax.Array, cache_len: int) -> tuple[jax.Array, jax.Array]:
+  """Masks for T new tokens at consecutive positions int[B,T] of each row, over a cache whose
+  slot s holds position s: (cache slots below the row's first new position, bool[B,1,T,S];
+  the new tokens among themselves, causal, bool[B,1,T,T]). Slots at or after the first new
+  position are stale (a rejected draft, prompt padding) and stay hidden."""
+  slots = jnp.arange(cache_len, dtype=positions.dtype)
+  cache_mask = slots[None, None, None, :] < positions[:, None, :1, None]
+  return cache_mask, attention_mask(positions, positions)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                           scale: float) -> jax.Array:
   """softmax(q.k * scale) v with float32 logits.

@@ -1,0 +1,65 @@
+"""The MLA decode cache: per layer and token, only the normalised latent c_kv (kv_lora_rank
+values) and the rotated shared rope key k_pe (qk_rope_head_dim values).
+
+A full K/V cache stores num_heads * (qk_nope + qk_rope + v) values per token per layer instead;
+`cache_ratio` gives the factor (71x for DeepSeek-V3: 128 * (192 + 128) vs 512 + 64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig
+from dsjax.model.stack import LatentCache
+from dsjax.model.transformer import DecodeCache
+
+
+def latent_values_per_token(cfg: ModelConfig) -> int:
+  """Values the latent cache holds per token per MLA layer: kv_lora_rank + qk_rope_head_dim."""
+  return cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+
+
+def full_kv_values_per_token(cfg: ModelConfig) -> int:
+  """Values an expanded K/V cache would hold per token per layer: N * (qk_head_dim + v)."""
+  return cfg.num_attention_heads * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim)
+
+
+def cache_ratio(cfg: ModelConfig) -> float:
+  """How many times smaller the latent cache is than a full K/V cache."""
+  return full_kv_values_per_token(cfg) / latent_values_per_token(cfg)
+
+
+def pad_slots(cache: LatentCache | None, slots: int, offset: int = 0) -> LatentCache | None:
+  """A LatentCache [L,B,T,...] placed at slots offset..offset+T-1 of a zero cache with `slots`
+  slots."""
+  if cache is None:
+    return None
+  t = cache.c_kv.shape[2]
+  if offset + t > slots:
+    raise ValueError(f"{offset + t} cache entries do not fit in {slots} slots.")
+  widths = ((0, 0), (0, 0), (offset, slots - offset - t), (0, 0))
+  return LatentCache(*(jnp.pad(a, widths) for a in cache))
+
+
+def cache_arrays(cache: DecodeCache) -> list[jax.Array]:
+  return [a for a in jax.tree.leaves(cache) if a is not None]
+
+
+def cache_nbytes(cache: DecodeCache) -> int:
+  """Bytes the cache arrays occupy."""
+  return int(sum(a.nbytes for a in cache_arrays(cache)))
+
+
+def bytes_per_token_per_layer(cache: DecodeCache) -> float:
+  """Measured from the arrays: for each stack, (c_kv + k_pe bytes) / (layers * batch * slots);
+  every stack of one model has the same figure."""
+  def per_token(a: jax.Array) -> float:
+    return a.nbytes / math.prod(a.shape[:3])
+  figures = {per_token(c.c_kv) + per_token(c.k_pe)
+             for c in (cache.dense, cache.moe, cache.mtp) if c is not None}
+  if len(figures) != 1:
+    raise ValueError(f"cache stacks differ in bytes per token per layer: {sorted(figures)}")
+  return figures.pop()

@@ -1,0 +1,334 @@
+"""Batched generation with MLA's latent KV cache: a jitted prefill and a jitted decode step,
+both pure functions of (params, cache, tokens), driven by a short host loop.
+
+Prompts of different lengths share one batch: they are right-padded, each row keeps its own
+positions, and cache slot s holds the token at position s, so a row's next token attends to
+exactly its own slots below its position. Shapes are bucketed (batch to a power of two, prompt
+length to a power of two, cache length to a multiple of 128), so a new prompt compiles nothing
+unless it lands in a new bucket.
+
+The host loop dispatches step i+1 before it reads step i's tokens, so the accelerator never
+waits for Python; end-of-sequence handling and streaming run one step behind on the host.
+
+`speculative="mtp"` drafts one token per step with the model's MTP module and verifies it with
+the main model in the same step (two tokens per decode call); a greedy run gives exactly the
+tokens of plain greedy decoding, one or two per main-model call (see docs/inference.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsjax.infer.cache import cache_nbytes, pad_slots
+from dsjax.infer.sampling import SamplingParams, sample_next
+from dsjax.model.transformer import DecodeCache, Transformer
+from dsjax.ops.latent_attention import ATTN_IMPLS
+
+SPECULATIVE = (None, "mtp")
+_CACHE_SLOT_MULTIPLE = 128
+_MIN_PROMPT_BUCKET = 16
+
+OnTokens = Callable[[int, list[int]], None]
+
+
+def _next_power_of_two(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def prompt_bucket(length: int) -> int:
+  """Padded prompt length: a power of two (at least 16)."""
+  return max(_MIN_PROMPT_BUCKET, _next_power_of_two(length))
+
+
+def cache_bucket(slots: int) -> int:
+  return -(-slots // _CACHE_SLOT_MULTIPLE) * _CACHE_SLOT_MULTIPLE
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  """Generated ids per prompt (ending at eos when it was produced) and run statistics."""
+  tokens: list[list[int]]
+  prompt_tokens: int
+  prefill_seconds: float
+  decode_seconds: float
+  cache_bytes: int
+  main_model_calls: int = 0
+  drafts_proposed: int = 0
+  drafts_accepted: int = 0
+
+  @property
+  def generated_tokens(self) -> int:
+    return sum(len(t) for t in self.tokens)
+
+  @property
+  def prefill_tokens_per_second(self) -> float:
+    return self.prompt_tokens / max(self.prefill_seconds, 1e-9)
+
+  @property
+  def decode_tokens_per_second(self) -> float:
+    """Tokens after each row's first (which prefill produces) per second of decoding."""
+    decoded = sum(max(len(t) - 1, 0) for t in self.tokens)
+    return decoded / max(self.decode_seconds, 1e-9)
+
+  @property
+  def acceptance_rate(self) -> float | None:
+    """Accepted MTP drafts / proposed drafts (None without speculative decoding)."""
+    if not self.drafts_proposed:
+      return None
+    return self.drafts_accepted / self.drafts_proposed
+
+
+# ---- compiled steps (graphdef and settings static: one compilation per shape bucket) ----
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "sampling", "moe_impl",
+                                             "draft"))
+def _prefill(graphdef, state, ids, lengths, key, *, slots: int, sampling: SamplingParams,
+             moe_impl: str | None, draft: bool):
+  """Prompt ids [B,T] (right-padded to T, true lengths [B]) -> (first new token [B], MTP draft
+  of the token after it [B] or None, DecodeCache with `slots` slots)."""
+  model = nnx.merge(graphdef, state)
+  out, latents = model.prefill(ids, moe_impl=moe_impl)
+  rows = jnp.arange(ids.shape[0])
+  first = sample_next(out.logits[rows, lengths - 1], key, sampling)
+  cache = DecodeCache(pad_slots(latents.dense, slots), pad_slots(latents.moe, slots), None)
+  if not draft:
+    return first, None, cache
+  # MTP input t pairs hidden state t with token t+1 (the first new token at the last prompt
+  # position) and sits at position t+1, so its latent goes to cache slot t+1.
+  next_ids = jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1).at[rows, lengths - 1].set(first)
+  positions = model.default_positions(ids) + 1
+  mtp_logits, mtp_latent = model.mtp_prefill(next_ids, out.hidden, positions, moe_impl)
+  drafted = jnp.argmax(mtp_logits[rows, lengths - 1], axis=-1).astype(jnp.int32)
+  return first, drafted, cache._replace(mtp=pad_slots(mtp_latent, slots, offset=1))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "attn_impl", "moe_impl"),
+                   donate_argnames=("cache",))
+def _decode_step(graphdef, state, cache, tokens, positions, key, *, sampling: SamplingParams,
+                 attn_impl: str, moe_impl: str | None):
+  """One token per row: tokens [B] at positions [B] -> (next tokens [B], updated cache)."""
+  model = nnx.merge(graphdef, state)
+  logits, _, cache = model.decode(tokens[:, None], positions[:, None], cache, attn_impl,
+                                  moe_impl)
+  return sample_next(logits[:, 0], key, sampling), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "moe_impl"),
+                   donate_argnames=("cache",))
+def _speculative_step(graphdef, state, cache, pending, draft, positions, limits, *,
+                      attn_impl: str, moe_impl: str | None):
+  """Greedy verify-and-draft step. `pending` [B] is the last accepted token (at `positions`,
+  not yet in the main cache), `draft` [B] the MTP guess for the token after it.
+
+  The main model reads [pending, draft] and predicts the tokens after each; the draft is
+  accepted when it equals the first prediction, which yields two tokens instead of one. The
+  MTP module then reads (hidden state, following token) for both positions and drafts the
+  token after the last accepted one. Cache entries written for a rejected draft sit at or
+  after the row's next position and are overwritten before any query can see them.
+
+  Returns (predicted [B,2], tokens gained [B] (1 or 2), next pending, next draft, next
+  positions (capped at `limits`), cache)."""
+  model = nnx.merge(graphdef, state)
+  ids = jnp.stack([pending, draft], axis=1)
+  pos = positions[:, None] + jnp.arange(2, dtype=positions.dtype)
+  logits, hidden, cache = model.decode(ids, pos, cache, attn_impl, moe_impl)
+  predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  accepted = draft == predicted[:, 0]
+  mtp_logits, mtp_cache = model.mtp_decode(predicted, hidden, pos + 1, cache.mtp, attn_impl,
+                                           moe_impl)
+  drafted = jnp.argmax(mtp_logits, axis=-1).astype(jnp.int32)
+  gained = 1 + accepted.astype(jnp.int32)
+  pick = lambda a: jnp.where(accepted, a[:, 1], a[:, 0])
+  return (predicted, gained, pick(predicted), pick(drafted),
+          jnp.minimum(positions + gained, limits), cache._replace(mtp=mtp_cache))
+
+
+# ---- host side ----
+
+class _Outputs:
+  """Per-row generated ids with budget, eos and streaming handling."""
+
+  def __init__(self, rows: int, max_new_tokens: int, eos_id: int | None,
+               on_tokens: OnTokens | None):
+    self.tokens: list[list[int]] = [[] for _ in range(rows)]
+    self.done = [False] * rows
+    self.max_new_tokens, self.eos_id, self.on_tokens = max_new_tokens, eos_id, on_tokens
+
+  def add(self, row: int, new: list[int]) -> None:
+    if self.done[row]:
+      return
+    new = new[:self.max_new_tokens - len(self.tokens[row])]
+    if self.eos_id is not None and self.eos_id in new:
+      new = new[:new.index(self.eos_id) + 1]
+      self.done[row] = True
+    self.tokens[row].extend(new)
+    if len(self.tokens[row]) >= self.max_new_tokens:
+      self.done[row] = True
+    if new and self.on_tokens is not None:
+      self.on_tokens(row, new)
+
+  @property
+  def all_done(self) -> bool:
+    return all(self.done)
+
+
+class Generator:
+  """Generation for one model. Holds the split model so that repeated calls reuse the
+  compiled prefill and decode steps.
+
+  attn_impl: "absorb" (latent-space attention, DeepSeek's decode) or "naive" (expanded K/V,
+  the reference). moe_impl: MoE dispatch override (None: the config's)."""
+
+  def __init__(self, model: Transformer, *, attn_impl: str = "absorb",
+               moe_impl: str | None = None):
+    if attn_impl not in ATTN_IMPLS:
+      raise ValueError(f"attn_impl={attn_impl!r}; use one of {ATTN_IMPLS}.")
+    self.config = model.config
+    self.graphdef, self.state = nnx.split(model)
+    self.attn_impl, self.moe_impl = attn_impl, moe_impl
+    self.has_mtp = len(model.mtp) > 0
+
+  def check_request(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    speculative: str | None, sampling: SamplingParams) -> None:
+    """Raises ValueError (saying what to change) for a request this model cannot serve."""
+    cfg = self.config
+    if speculative not in SPECULATIVE:
+      raise ValueError(f"speculative={speculative!r}; use one of {SPECULATIVE}.")
+    if speculative == "mtp" and not self.has_mtp:
+      raise ValueError("speculative='mtp' needs an MTP module, but this model has "
+                       "num_mtp_layers=0; turn speculative decoding off.")
+    if speculative == "mtp" and not sampling.greedy:
+      raise ValueError("speculative='mtp' decodes greedily; set temperature=0 or turn "
+                       "speculative decoding off.")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
+    if isinstance(prompts, (str, bytes)) or not len(prompts):
+      raise ValueError("prompts must be a non-empty list of token-id lists.")
+    for i, prompt in enumerate(prompts):
+      if isinstance(prompt, (str, bytes)) or not len(prompt):
+        raise ValueError(f"Prompt {i} is empty (or not a list of token ids); every prompt "
+                         "needs at least one token.")
+      ids = np.asarray(prompt)
+      if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise ValueError(f"Prompt {i} holds token ids outside [0, {cfg.vocab_size}) "
+                         f"(vocab_size of this model); check the tokenizer.")
+      if len(prompt) + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(
+            f"Prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that "
+            f"exceeds the model's max_position_embeddings={cfg.max_position_embeddings}. "
+            "Shorten the prompt or lower max_new_tokens.")
+
+  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
+               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+               seed: int = 0, eos_id: int | None = None, speculative: str | None = None,
+               on_tokens: OnTokens | None = None) -> GenerationResult:
+    """Continues each prompt (a list of token ids) by up to `max_new_tokens` ids, stopping a
+    row at `eos_id` (included in its output). `on_tokens(row, ids)` streams ids as they are
+    produced. Sampling draws from jax.random.key(seed); temperature 0 is greedy."""
+    sampling = SamplingParams(float(temperature), top_k, top_p)
+    self.check_request(prompts, max_new_tokens, speculative, sampling)
+    rows = len(prompts)
+    batch = _next_power_of_two(rows)
+    lengths = np.ones(batch, np.int32)
+    lengths[:rows] = [len(p) for p in prompts]
+    padded_len = prompt_bucket(int(lengths.max()))
+    ids = np.zeros((batch, padded_len), np.int32)
+    for i, prompt in enumerate(prompts):
+      ids[i, :len(prompt)] = prompt
+    # Slots: the prompt bucket plus one (MTP slots start at 1), and every row's prompt plus
+    # its new tokens plus the two a speculative step may write past the last one.
+    slots = cache_bucket(max(padded_len + 1, int(lengths.max()) + max_new_tokens + 2))
+    key = jax.random.key(seed)
+    outputs = _Outputs(rows, max_new_tokens, eos_id, on_tokens)
+
+    start = time.perf_counter()
+    first, draft, cache = _prefill(self.graphdef, self.state, ids, lengths,
+                                   jax.random.fold_in(key, 0), slots=slots, sampling=sampling,
+                                   moe_impl=self.moe_impl, draft=speculative == "mtp")
+    first_np = np.asarray(first)
+    prefill_seconds = time.perf_counter() - start
+    for row in range(rows):
+      outputs.add(row, [int(first_np[row])])
+    cache_bytes = cache_nbytes(cache)
+
+    start = time.perf_counter()
+    if speculative == "mtp":
+      stats = self._speculative_loop(cache, first, draft, lengths, max_new_tokens, outputs)
+    else:
+      stats = self._decode_loop(cache, first, lengths, key, sampling, outputs)
+    decode_seconds = time.perf_counter() - start
+    return GenerationResult(outputs.tokens, int(lengths[:rows].sum()), prefill_seconds,
+                            decode_seconds, cache_bytes, **stats)
+
+  def _decode_loop(self, cache, tokens, lengths, key, sampling, outputs: _Outputs) -> dict:
+    pending = None  # the previous step's tokens, read after the next step is dispatched
+    step = 0
+    while not outputs.all_done:
+      positions = lengths + step
+      step += 1
+      tokens, cache = _decode_step(self.graphdef, self.state, cache, tokens, positions,
+                                   jax.random.fold_in(key, step), sampling=sampling,
+                                   attn_impl=self.attn_impl, moe_impl=self.moe_impl)
+      if pending is not None:
+        self._add_rows(outputs, lambda row, a=np.asarray(pending): [int(a[row])])
+      pending = tokens
+      if step >= outputs.max_new_tokens - 1:
+        break
+    if pending is not None:
+      self._add_rows(outputs, lambda row, a=np.asarray(pending): [int(a[row])])
+    return {"main_model_calls": step + 1}
+
+  def _speculative_loop(self, cache, pending, draft, lengths, max_new_tokens,
+                        outputs: _Outputs) -> dict:
+    positions = jnp.asarray(lengths)
+    limits = jnp.asarray(lengths + max_new_tokens)
+    previous = None
+    calls = proposed = accepted = 0
+    while not outputs.all_done:
+      predicted, gained, pending, draft, positions, cache = _speculative_step(
+          self.graphdef, self.state, cache, pending, draft, positions, limits,
+          attn_impl=self.attn_impl, moe_impl=self.moe_impl)
+      calls += 1
+      if previous is not None:
+        proposed, accepted = self._add_speculated(outputs, previous, proposed, accepted)
+      previous = (predicted, gained)
+      if calls >= max_new_tokens - 1:
+        break
+    if previous is not None:
+      proposed, accepted = self._add_speculated(outputs, previous, proposed, accepted)
+    return {"main_model_calls": calls + 1, "drafts_proposed": proposed,
+            "drafts_accepted": accepted}
+
+  @staticmethod
+  def _add_speculated(outputs: _Outputs, step, proposed: int, accepted: int):
+    predicted, gained = (np.asarray(a) for a in step)
+    for row in range(len(outputs.tokens)):
+      if not outputs.done[row]:
+        proposed += 1
+        accepted += int(gained[row]) - 1
+        outputs.add(row, [int(t) for t in predicted[row, :gained[row]]])
+    return proposed, accepted
+
+  @staticmethod
+  def _add_rows(outputs: _Outputs, row_tokens) -> None:
+    for row in range(len(outputs.tokens)):
+      outputs.add(row, row_tokens(row))
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0, eos_id: int | None = None, **options) -> list[list[int]]:
+  """Generated token ids for each prompt (a list of token-id lists); see Generator.generate.
+  `options`: attn_impl, moe_impl (Generator) and speculative, on_tokens (Generator.generate)."""
+  generator = Generator(model, **{k: options.pop(k) for k in ("attn_impl", "moe_impl")
+                                  if k in options})
+  return generator.generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
+                            **options).tokens

@@ -1,0 +1,73 @@
+"""MLA attention over latent keys/values (the decode path), two implementations of one math.
+
+Keys and values live in the cache as the normalised latent c_kv [B,S,C] plus one rotated rope
+key k_pe [B,S,R] shared by all heads; wkv_b [C,N,Hn+Hv] holds the per-head up-projections
+(key part W_uk [C,N,Hn], value part W_uv [C,N,Hv]).
+
+  "naive":  expand k_nope = c_kv W_uk and v = c_kv W_uv per head, then softmax attention.
+  "absorb": fold W_uk into the query (q_lat = q_nope W_uk^T, [B,T,N,C]), attend over c_kv
+            directly, and fold W_uv into the output (o = (p c_kv) W_uv): DeepSeek's reference
+            `attn_impl="absorb"`. Per query it reads C+R values per key instead of
+            N*(Hn+R+Hv), which is what makes decoding memory-cheap.
+
+Keys come as several segments (e.g. the cache and the tokens of this step), each with its own
+mask; the softmax is joint over all of them, so the cache is never concatenated or copied.
+"""
+
+import itertools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+ATTN_IMPLS = ("absorb", "naive")
+
+
+class KeySegment(NamedTuple):
+  """c_kv [B,S,C], k_pe [B,S,R] and mask bool broadcastable to [B,N,T,S]."""
+  c_kv: jax.Array
+  k_pe: jax.Array
+  mask: jax.Array
+
+
+def _logits(q_nope, q_pe, segment: KeySegment, w_uk, absorb: bool) -> jax.Array:
+  f32 = jnp.float32
+  rope = jnp.einsum("BTNR,BSR->BNTS", q_pe, segment.k_pe, preferred_element_type=f32)
+  if absorb:
+    q_latent = jnp.einsum("BTNH,CNH->BTNC", q_nope, w_uk)
+    nope = jnp.einsum("BTNC,BSC->BNTS", q_latent, segment.c_kv, preferred_element_type=f32)
+  else:
+    k_nope = jnp.einsum("BSC,CNH->BSNH", segment.c_kv, w_uk)
+    nope = jnp.einsum("BTNH,BSNH->BNTS", q_nope, k_nope, preferred_element_type=f32)
+  return nope + rope
+
+
+def _values(probs, segment: KeySegment, w_uv, absorb: bool) -> jax.Array:
+  probs = probs.astype(segment.c_kv.dtype)
+  if absorb:
+    out_latent = jnp.einsum("BNTS,BSC->BTNC", probs, segment.c_kv)
+    return jnp.einsum("BTNC,CNH->BTNH", out_latent, w_uv)
+  v = jnp.einsum("BSC,CNH->BSNH", segment.c_kv, w_uv)
+  return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+
+
+def latent_attention(q_nope: jax.Array, q_pe: jax.Array, segments: Sequence[KeySegment],
+                     wkv_b: jax.Array, scale: float, impl: str = "absorb") -> jax.Array:
+  """softmax((q_nope.k_nope + q_pe.k_pe) * scale) v over all key segments.
+
+  q_nope [B,T,N,Hn], q_pe [B,T,N,R] (rotated), wkv_b [C,N,Hn+Hv] -> [B,T,N,Hv]. A query with no
+  visible key returns zeros.
+  """
+  if impl not in ATTN_IMPLS:
+    raise ValueError(f"attn_impl={impl!r}; use one of {ATTN_IMPLS}.")
+  absorb = impl == "absorb"
+  w_uk, w_uv = jnp.split(wkv_b, [q_nope.shape[-1]], axis=-1)
+  logits = [_logits(q_nope, q_pe, s, w_uk, absorb) * scale for s in segments]
+  masks = [jnp.broadcast_to(s.mask, l.shape) for s, l in zip(segments, logits)]
+  logits = jnp.concatenate(logits, axis=-1)
+  mask = jnp.concatenate(masks, axis=-1)
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
+  parts = jnp.split(probs, list(itertools.accumulate(s.c_kv.shape[1] for s in segments))[:-1],
+                    axis=-1)
+  return sum(_values(p, s, w_uv, absorb) for p, s in zip(parts, segments))
