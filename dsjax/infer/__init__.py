@@ -2,7 +2,7 @@
 
 from dsjax.infer.cache import (bytes_per_token_per_layer, cache_nbytes, cache_ratio,
                                full_kv_values_per_token, latent_values_per_token)
-from dsjax.infer.generate import GenerationResult, Generator, generate
+from dsjax.infer.generation import GenerationResult, Generator, generate
 from dsjax.infer.sampling import SamplingParams, sample_next
 
 __all__ = [

@@ -48,16 +48,21 @@ def cache_arrays(cache: DecodeCache) -> list[jax.Array]:
   return [a for a in jax.tree.leaves(cache) if a is not None]
 
 
+def _nbytes(a) -> int:
+  """Bytes of an array or a ShapeDtypeStruct."""
+  return a.size * jnp.dtype(a.dtype).itemsize
+
+
 def cache_nbytes(cache: DecodeCache) -> int:
   """Bytes the cache arrays occupy."""
-  return int(sum(a.nbytes for a in cache_arrays(cache)))
+  return int(sum(_nbytes(a) for a in cache_arrays(cache)))
 
 
 def bytes_per_token_per_layer(cache: DecodeCache) -> float:
   """Measured from the arrays: for each stack, (c_kv + k_pe bytes) / (layers * batch * slots);
   every stack of one model has the same figure."""
   def per_token(a: jax.Array) -> float:
-    return a.nbytes / math.prod(a.shape[:3])
+    return _nbytes(a) / math.prod(a.shape[:3])
   figures = {per_token(c.c_kv) + per_token(c.k_pe)
              for c in (cache.dense, cache.moe, cache.mtp) if c is not None}
   if len(figures) != 1:
