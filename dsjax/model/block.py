@@ -1,7 +1,6 @@
 """One pre-norm decoder block: x + attn(attn_norm(x)); then x + ffn(ffn_norm(x))."""
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig

@@ -15,12 +15,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
+from dsjax.infer.generation import Generator
 from dsjax.train.checkpointing import TrainCheckpointer
 from dsjax.train.flops import peak_flops, train_flops_per_token
 from dsjax.train.metrics import MetricsWriter
 from dsjax.train.progress import ProgressBar
-from dsjax.train.sample import sample_tokens
 from dsjax.train.setup import Run, build_run
 from dsjax.train.state import init_train_state, pretrained_train_state
 from dsjax.train.step import TrainState
@@ -105,14 +106,17 @@ def _write_experiment(workdir: Path, run: Run) -> None:
 
 
 def _print_sample(run: Run, state: TrainState, log) -> str | None:
+  """A sampled continuation of train.sample_prompt (temperature 0.7), generated with the
+  latent KV cache."""
   prompt = run.cfg.train.sample_prompt
-  if not prompt or not run.cfg.train.sample_tokens:
+  ids = run.tokenizer.encode(prompt) if prompt else []
+  room = run.model_cfg.max_position_embeddings - len(ids)
+  if not ids or not run.cfg.train.sample_tokens or room < 1:
     return None
-  ids = run.tokenizer.encode(prompt)
-  out = sample_tokens(run.graphdef, state.params, state.router_bias, ids,
-                      run.cfg.train.sample_tokens, jax.random.fold_in(state.rng, 1),
-                      max_len=run.model_cfg.max_position_embeddings)
-  text = prompt + run.tokenizer.decode(out)
+  model = nnx.merge(run.graphdef, state.params, state.router_bias)
+  out = Generator(model).generate([ids], min(run.cfg.train.sample_tokens, room),
+                                  temperature=0.7, seed=run.cfg.seed)
+  text = prompt + run.tokenizer.decode(out.tokens[0])
   log("Sample:\n" + text)
   return text
 
