@@ -149,11 +149,10 @@ def stats_lines(result: Any, description: str) -> list[str]:
   lines = [
       f"checkpoint: {description}",
       f"prompt tokens: {result.prompt_tokens}, prefill: "
-      f"{result.prefill_tokens_per_second:,.1f} tokens/s ({result.prefill_seconds:.2f} s, "
-      "compilation included)",
+      f"{result.prefill_tokens_per_second:,.1f} tokens/s ({result.prefill_seconds:.2f} s)",
       f"generated tokens: {result.generated_tokens}, decode: "
-      f"{result.decode_tokens_per_second:,.1f} tokens/s ({result.decode_seconds:.2f} s, "
-      "compilation included)",
+      f"{result.decode_tokens_per_second:,.1f} tokens/s ({result.decode_seconds:.2f} s)",
+      f"compilation: {result.compile_seconds:.1f} s",
       f"cache: {result.cache_bytes:,} bytes",
   ]
   if result.acceptance_rate is not None:

@@ -54,12 +54,15 @@ def cache_bucket(slots: int) -> int:
 
 @dataclasses.dataclass
 class GenerationResult:
-  """Generated ids per prompt (ending at eos when it was produced) and run statistics."""
+  """Generated ids per prompt (ending at eos when it was produced) and run statistics.
+  prefill_seconds and decode_seconds exclude compile_seconds, the time spent compiling the
+  steps on first use of a shape bucket."""
   tokens: list[list[int]]
   prompt_tokens: int
   prefill_seconds: float
   decode_seconds: float
   cache_bytes: int
+  compile_seconds: float = 0.0
   main_model_calls: int = 0
   drafts_proposed: int = 0
   drafts_accepted: int = 0
@@ -152,6 +155,23 @@ def _speculative_step(graphdef, state, cache, pending, draft, positions, limits,
 
 
 # ---- host side ----
+
+class _CompileClock:
+  """Adds the duration of calls that compiled (a jitted function's cache grew) to `seconds`.
+  Tracing and compiling happen inside the call; execution is dispatched asynchronously after
+  it, so a compiling call's duration is its compile time."""
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def call(self, fn, *args, **kwargs):
+    size = fn._cache_size()  # pylint: disable=protected-access
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if fn._cache_size() != size:  # pylint: disable=protected-access
+      self.seconds += time.perf_counter() - start
+    return out
+
 
 class _Outputs:
   """Per-row generated ids with budget, eos and streaming handling."""
@@ -249,34 +269,37 @@ class Generator:
     key = jax.random.key(seed)
     outputs = _Outputs(rows, max_new_tokens, eos_id, on_tokens)
 
+    clock = _CompileClock()
     start = time.perf_counter()
-    first, draft, cache = _prefill(self.graphdef, self.state, ids, lengths,
-                                   jax.random.fold_in(key, 0), slots=slots, sampling=sampling,
-                                   moe_impl=self.moe_impl, draft=speculative == "mtp")
+    first, draft, cache = clock.call(
+        _prefill, self.graphdef, self.state, ids, lengths, jax.random.fold_in(key, 0),
+        slots=slots, sampling=sampling, moe_impl=self.moe_impl, draft=speculative == "mtp")
     first_np = np.asarray(first)
-    prefill_seconds = time.perf_counter() - start
+    prefill_seconds = time.perf_counter() - start - clock.seconds
     for row in range(rows):
       outputs.add(row, [int(first_np[row])])
     cache_bytes = cache_nbytes(cache)
 
-    start = time.perf_counter()
+    start, compiled = time.perf_counter(), clock.seconds
     if speculative == "mtp":
-      stats = self._speculative_loop(cache, first, draft, lengths, max_new_tokens, outputs)
+      stats = self._speculative_loop(clock, cache, first, draft, lengths, max_new_tokens,
+                                     outputs)
     else:
-      stats = self._decode_loop(cache, first, lengths, key, sampling, outputs)
-    decode_seconds = time.perf_counter() - start
+      stats = self._decode_loop(clock, cache, first, lengths, key, sampling, outputs)
+    decode_seconds = time.perf_counter() - start - (clock.seconds - compiled)
     return GenerationResult(outputs.tokens, int(lengths[:rows].sum()), prefill_seconds,
-                            decode_seconds, cache_bytes, **stats)
+                            decode_seconds, cache_bytes, clock.seconds, **stats)
 
-  def _decode_loop(self, cache, tokens, lengths, key, sampling, outputs: _Outputs) -> dict:
+  def _decode_loop(self, clock: _CompileClock, cache, tokens, lengths, key, sampling,
+                   outputs: _Outputs) -> dict:
     pending = None  # the previous step's tokens, read after the next step is dispatched
     step = 0
     while not outputs.all_done:
       positions = lengths + step
       step += 1
-      tokens, cache = _decode_step(self.graphdef, self.state, cache, tokens, positions,
-                                   jax.random.fold_in(key, step), sampling=sampling,
-                                   attn_impl=self.attn_impl, moe_impl=self.moe_impl)
+      tokens, cache = clock.call(_decode_step, self.graphdef, self.state, cache, tokens,
+                                 positions, jax.random.fold_in(key, step), sampling=sampling,
+                                 attn_impl=self.attn_impl, moe_impl=self.moe_impl)
       if pending is not None:
         self._add_rows(outputs, lambda row, a=np.asarray(pending): [int(a[row])])
       pending = tokens
@@ -286,16 +309,16 @@ class Generator:
       self._add_rows(outputs, lambda row, a=np.asarray(pending): [int(a[row])])
     return {"main_model_calls": step + 1}
 
-  def _speculative_loop(self, cache, pending, draft, lengths, max_new_tokens,
-                        outputs: _Outputs) -> dict:
+  def _speculative_loop(self, clock: _CompileClock, cache, pending, draft, lengths,
+                        max_new_tokens, outputs: _Outputs) -> dict:
     positions = jnp.asarray(lengths)
     limits = jnp.asarray(lengths + max_new_tokens)
     previous = None
     calls = proposed = accepted = 0
     while not outputs.all_done:
-      predicted, gained, pending, draft, positions, cache = _speculative_step(
-          self.graphdef, self.state, cache, pending, draft, positions, limits,
-          attn_impl=self.attn_impl, moe_impl=self.moe_impl)
+      predicted, gained, pending, draft, positions, cache = clock.call(
+          _speculative_step, self.graphdef, self.state, cache, pending, draft, positions,
+          limits, attn_impl=self.attn_impl, moe_impl=self.moe_impl)
       calls += 1
       if previous is not None:
         proposed, accepted = self._add_speculated(outputs, previous, proposed, accepted)

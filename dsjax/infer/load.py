@@ -33,6 +33,7 @@ from dsjax.train.state import split_model
 EXPERIMENT_FILE = "experiment.json"      # written by dsjax.train.loop
 CHECKPOINT_DIR = "checkpoints"
 _STATE_ITEM = "state"
+LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _MODEL_ITEMS = ("params", "router_bias")  # the TrainState fields a model needs
 _EXPECTED = ("a train.py workdir (experiment.json + checkpoints/), a HuggingFace DeepSeek "
              "directory (config.json + *.safetensors) or a dsjax Orbax model directory "
@@ -48,10 +49,12 @@ class Loaded(NamedTuple):
 
 
 def load_for_inference(path: str | os.PathLike, step: int | None = None,
-                       tokenizer: str | None = None) -> Loaded:
+                       tokenizer: str | None = None, dtype: str = "auto") -> Loaded:
   """(model, tokenizer, eos_id, chat template or None, one-line description) of checkpoint
   `path`. `step` picks a train.py checkpoint (default: the latest); `tokenizer` ("byte", a
-  tokenizer.json or a directory holding one) replaces the checkpoint's own."""
+  tokenizer.json or a directory holding one) replaces the checkpoint's own. `dtype` is the
+  parameter and compute dtype of a HuggingFace checkpoint ("auto": its config.json
+  torch_dtype, float32 when absent); train.py workdirs keep their run's dtypes."""
   path = Path(os.fspath(path))
   if not path.exists():
     raise FileNotFoundError(f"--checkpoint={path} does not exist; pass {_EXPECTED}.")
@@ -63,7 +66,7 @@ def load_for_inference(path: str | os.PathLike, step: int | None = None,
   if (path / EXPERIMENT_FILE).is_file():
     return _load_workdir(path, step, tokenizer)
   if (path / "config.json").is_file():
-    return _load_hf(path, tokenizer)
+    return _load_hf(path, tokenizer, dtype)
   from dsjax.checkpoint.orbax_io import CONFIG_FILE  # pylint: disable=import-outside-toplevel
   if (path / CONFIG_FILE).is_file():
     return _load_orbax_model(path, tokenizer)
@@ -120,6 +123,16 @@ def _restore_model(state_dir: Path, cfg: ModelConfig) -> Transformer:
   # The item's handler, not a Checkpointer: the step-level metadata file a Checkpointer
   # looks for sits one directory up, where the CheckpointManager wrote it.
   handler = ocp.PyTreeCheckpointHandler()
+  try:
+    restored = _partial_restore(handler, state_dir, flat)
+  finally:
+    handler.close()
+  state = jax.tree_util.tree_unflatten(treedef, [restored[n] for n in flat])
+  return nnx.merge(graphdef, *(state[k] for k in _MODEL_ITEMS))
+
+
+def _partial_restore(handler, state_dir: Path, flat: dict[str, Any]) -> dict[str, jax.Array]:
+  """{name: array} of the names in `flat` (ShapeDtypeStructs), checked against the files."""
   stored = handler.metadata(state_dir)
   stored = dict(getattr(stored, "tree", stored))
   missing = sorted(n for n in flat if n not in stored)
@@ -133,12 +146,9 @@ def _restore_model(state_dir: Path, cfg: ModelConfig) -> Transformer:
                      "config?")
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device) for n, x in flat.items()}
-  restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+  return handler.restore(state_dir, args=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True))
-  handler.close()
-  state = jax.tree_util.tree_unflatten(treedef, [restored[n] for n in flat])
-  return nnx.merge(graphdef, *(state[k] for k in _MODEL_ITEMS))
 
 
 def _load_workdir(workdir: Path, step: int | None, tokenizer_spec: str | None) -> Loaded:
@@ -173,7 +183,16 @@ def _directory_tokenizer(path: Path, spec: str | None, vocab_size: int) -> Token
   return make_tokenizer(spec, vocab_size)
 
 
-def _load_hf(path: Path, tokenizer_spec: str | None) -> Loaded:
+def _hf_dtype(hf: dict[str, Any], dtype: str) -> str:
+  """The dtype to load a HuggingFace checkpoint in: `dtype`, or with "auto" its config's."""
+  if dtype == "auto":
+    dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+  if dtype not in LOAD_DTYPES[1:]:
+    raise ValueError(f"dtype={dtype!r} is not supported; use one of {LOAD_DTYPES}.")
+  return dtype
+
+
+def _load_hf(path: Path, tokenizer_spec: str | None, dtype: str) -> Loaded:
   from dsjax.checkpoint.hf_checkpoint import load_hf_checkpoint, read_hf_config
   from dsjax.checkpoint.hf_config import from_hf
   hf = read_hf_config(path)
@@ -182,10 +201,11 @@ def _load_hf(path: Path, tokenizer_spec: str | None) -> Loaded:
                             "complete HuggingFace checkpoint directory.")
   cfg = from_hf(hf)
   tokenizer = _directory_tokenizer(path, tokenizer_spec, cfg.vocab_size)
-  model = load_hf_checkpoint(path)
+  model = load_hf_checkpoint(path, dtype=_hf_dtype(hf, dtype))
   eos_id = _first_id(hf.get("eos_token_id"), tokenizer.eos_id)
   dirs = _side_dirs(tokenizer_spec) + [path] if tokenizer_spec else [path]
-  description = f"HuggingFace {hf.get('model_type')} {path} ({_summary(model.config)})"
+  description = (f"HuggingFace {hf.get('model_type')} {path} ({_summary(model.config)}, "
+                 f"{model.config.dtype})")
   return Loaded(model, tokenizer, eos_id, _chat_template(tokenizer, dirs), description)
 
 
