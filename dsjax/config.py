@@ -115,9 +115,10 @@ class MoEConfig:
     routed_scaling_factor: multiplier on the routed-expert weights.
     first_k_dense_replace: the first k layers use a dense MLP instead of MoE.
     impl: dispatch implementation, all exact (dropless): "dense" (every expert on every token,
-      masked; fastest on CPU when E <= 2K), "blocked" (sorted by expert, padded to row blocks,
-      batched einsum; for CPU with many experts), "ragged" (sorted by expert +
-      lax.ragged_dot, for TPU/GPU), or "auto" (dense or blocked on CPU, ragged elsewhere).
+      masked; fastest on CPU for few tokens, as in decoding), "blocked" (sorted by expert,
+      padded to row blocks, batched einsum; for CPU training and prefill), "ragged" (sorted
+      by expert + lax.ragged_dot, for TPU/GPU), or "auto" (on CPU dense or blocked by the
+      token count, see dsjax.model.moe.resolve_impl; ragged elsewhere).
   """
 
   n_routed_experts: int = 64

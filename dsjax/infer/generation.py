@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -89,10 +89,8 @@ class GenerationResult:
     return self.drafts_accepted / self.drafts_proposed
 
 
-# ---- compiled steps (graphdef and settings static: one compilation per shape bucket) ----
+# ---- compiled steps (settings static: one compilation per shape bucket) ----
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "sampling", "moe_impl",
-                                             "draft"))
 def _prefill(graphdef, state, ids, lengths, key, *, slots: int, sampling: SamplingParams,
              moe_impl: str | None, draft: bool):
   """Prompt ids [B,T] (right-padded to T, true lengths [B]) -> (first new token [B], MTP draft
@@ -100,7 +98,9 @@ def _prefill(graphdef, state, ids, lengths, key, *, slots: int, sampling: Sampli
   model = nnx.merge(graphdef, state)
   out, latents = model.prefill(ids, moe_impl=moe_impl)
   rows = jnp.arange(ids.shape[0])
-  first = sample_next(out.logits[rows, lengths - 1], key, sampling)
+  # Logits of each row's last prompt token only (the full [B,T,V] logits are dead code).
+  last_logits = model.logits_from_hidden(out.hidden[rows, lengths - 1][:, None])[:, 0]
+  first = sample_next(last_logits, key, sampling)
   cache = DecodeCache(pad_slots(latents.dense, slots), pad_slots(latents.moe, slots), None)
   if not draft:
     return first, None, cache
@@ -108,24 +108,22 @@ def _prefill(graphdef, state, ids, lengths, key, *, slots: int, sampling: Sampli
   # position) and sits at position t+1, so its latent goes to cache slot t+1.
   next_ids = jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1).at[rows, lengths - 1].set(first)
   positions = model.default_positions(ids) + 1
-  mtp_logits, mtp_latent = model.mtp_prefill(next_ids, out.hidden, positions, moe_impl)
-  drafted = jnp.argmax(mtp_logits[rows, lengths - 1], axis=-1).astype(jnp.int32)
+  mtp_hidden, mtp_latent = model.mtp_prefill(next_ids, out.hidden, positions, moe_impl)
+  mtp_logits = model.logits_from_hidden(mtp_hidden[rows, lengths - 1][:, None])[:, 0]
+  drafted = jnp.argmax(mtp_logits, axis=-1).astype(jnp.int32)
   return first, drafted, cache._replace(mtp=pad_slots(mtp_latent, slots, offset=1))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "attn_impl", "moe_impl"),
-                   donate_argnames=("cache",))
-def _decode_step(graphdef, state, cache, tokens, positions, key, *, sampling: SamplingParams,
-                 attn_impl: str, moe_impl: str | None):
-  """One token per row: tokens [B] at positions [B] -> (next tokens [B], updated cache)."""
+def _decode_step(graphdef, state, cache, tokens, positions, key, step, *,
+                 sampling: SamplingParams, attn_impl: str, moe_impl: str | None):
+  """One token per row: tokens [B] at positions [B] -> (next tokens [B], updated cache),
+  sampled with fold_in(key, step)."""
   model = nnx.merge(graphdef, state)
   logits, _, cache = model.decode(tokens[:, None], positions[:, None], cache, attn_impl,
                                   moe_impl)
-  return sample_next(logits[:, 0], key, sampling), cache
+  return sample_next(logits[:, 0], jax.random.fold_in(key, step), sampling), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "moe_impl"),
-                   donate_argnames=("cache",))
 def _speculative_step(graphdef, state, cache, pending, draft, positions, limits, *,
                       attn_impl: str, moe_impl: str | None):
   """Greedy verify-and-draft step. `pending` [B] is the last accepted token (at `positions`,
@@ -152,6 +150,27 @@ def _speculative_step(graphdef, state, cache, pending, draft, positions, limits,
   pick = lambda a: jnp.where(accepted, a[:, 1], a[:, 0])
   return (predicted, gained, pick(predicted), pick(drafted),
           jnp.minimum(positions + gained, limits), cache._replace(mtp=mtp_cache))
+
+
+class CompiledSteps(NamedTuple):
+  """The jitted steps of one model structure (graphdef); their arguments start at `state`."""
+  prefill: Callable
+  decode: Callable
+  speculative: Callable
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_steps(graphdef) -> CompiledSteps:
+  """Jitted steps with `graphdef` closed over rather than passed as a static argument, so
+  that a decode call does not hash the whole graph definition; cached per structure, so
+  every Generator of one model shares the compilations."""
+  def jit(fn, static, donate=()):
+    return jax.jit(functools.partial(fn, graphdef), static_argnames=static,
+                   donate_argnames=donate)
+  return CompiledSteps(
+      jit(_prefill, ("slots", "sampling", "moe_impl", "draft")),
+      jit(_decode_step, ("sampling", "attn_impl", "moe_impl"), ("cache",)),
+      jit(_speculative_step, ("attn_impl", "moe_impl"), ("cache",)))
 
 
 # ---- host side ----
@@ -213,6 +232,7 @@ class Generator:
       raise ValueError(f"attn_impl={attn_impl!r}; use one of {ATTN_IMPLS}.")
     self.config = model.config
     self.graphdef, self.state = nnx.split(model)
+    self.steps = compiled_steps(self.graphdef)
     self.attn_impl, self.moe_impl = attn_impl, moe_impl
     self.has_mtp = len(model.mtp) > 0
 
@@ -272,7 +292,7 @@ class Generator:
     clock = _CompileClock()
     start = time.perf_counter()
     first, draft, cache = clock.call(
-        _prefill, self.graphdef, self.state, ids, lengths, jax.random.fold_in(key, 0),
+        self.steps.prefill, self.state, ids, lengths, jax.random.fold_in(key, 0),
         slots=slots, sampling=sampling, moe_impl=self.moe_impl, draft=speculative == "mtp")
     first_np = np.asarray(first)
     prefill_seconds = time.perf_counter() - start - clock.seconds
@@ -297,9 +317,9 @@ class Generator:
     while not outputs.all_done:
       positions = lengths + step
       step += 1
-      tokens, cache = clock.call(_decode_step, self.graphdef, self.state, cache, tokens,
-                                 positions, jax.random.fold_in(key, step), sampling=sampling,
-                                 attn_impl=self.attn_impl, moe_impl=self.moe_impl)
+      tokens, cache = clock.call(self.steps.decode, self.state, cache, tokens, positions, key,
+                                 np.int32(step), sampling=sampling, attn_impl=self.attn_impl,
+                                 moe_impl=self.moe_impl)
       if pending is not None:
         self._add_rows(outputs, lambda row, a=np.asarray(pending): [int(a[row])])
       pending = tokens
@@ -317,7 +337,7 @@ class Generator:
     calls = proposed = accepted = 0
     while not outputs.all_done:
       predicted, gained, pending, draft, positions, cache = clock.call(
-          _speculative_step, self.graphdef, self.state, cache, pending, draft, positions,
+          self.steps.speculative, self.state, cache, pending, draft, positions,
           limits, attn_impl=self.attn_impl, moe_impl=self.moe_impl)
       calls += 1
       if previous is not None:

@@ -15,14 +15,19 @@ _DISPATCH = {"dense": moe_dispatch.experts_dense, "blocked": moe_dispatch.expert
              "ragged": moe_dispatch.experts_sorted}
 
 
-def resolve_impl(impl: str, moe: MoEConfig) -> str:
-  """'auto' -> on CPU (where ragged_dot is emulated densely) 'dense' while E <= 2K, else
-  'blocked'; 'ragged' on TPU/GPU."""
+def resolve_impl(impl: str, moe: MoEConfig, tokens: int | None = None) -> str:
+  """'auto' -> 'ragged' on TPU/GPU. On CPU, where ragged_dot is emulated densely: 'dense'
+  when every expert on every token costs no more rows than the block-padded sorted dispatch
+  (few tokens, as in decoding), else 'blocked' (`tokens` None: a training-size batch)."""
   if impl != "auto":
     return impl
   if jax.default_backend() != "cpu":
     return "ragged"
-  return "dense" if moe.n_routed_experts <= 2 * moe.num_experts_per_tok else "blocked"
+  if tokens is None:
+    return "blocked"
+  e, k = moe.n_routed_experts, moe.num_experts_per_tok
+  padded_rows = tokens * k + e * moe_dispatch.default_block(tokens, k, e)
+  return "dense" if tokens * e <= padded_rows else "blocked"
 
 
 class MoE(nnx.Module):
@@ -53,7 +58,7 @@ class MoE(nnx.Module):
     tokens = x.reshape(b * t, d)
     routing = self.route(tokens)
     w1, w3, w2 = (w[...].astype(self.dtype) for w in (self.w1, self.w3, self.w2))
-    impl = resolve_impl(impl or self.moe.impl, self.moe)
+    impl = resolve_impl(impl or self.moe.impl, self.moe, b * t)
     if impl not in _DISPATCH:
       raise ValueError(f"moe impl={impl!r}; use one of {MOE_IMPLS}.")
     y = _DISPATCH[impl](tokens, routing.expert_ids, routing.expert_weights, w1, w3, w2)

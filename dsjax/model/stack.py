@@ -32,6 +32,13 @@ class LatentCache(NamedTuple):
   k_pe: jax.Array
 
 
+def write_slots(cache: LatentCache, new: LatentCache, positions: jax.Array) -> LatentCache:
+  """`cache` [L,B,S,...] with new [L,B,T,...] written at slots positions int[B,T]."""
+  rows = jnp.arange(positions.shape[0])[:, None]
+  return LatentCache(*(c.at[:, rows, positions].set(n.astype(c.dtype))
+                       for c, n in zip(cache, new)))
+
+
 class LayerStack(nnx.Module):
   """`num_layers` Blocks; x [B,T,D] -> (x, per-layer Routing stacked on axis 0 or None)."""
 
@@ -62,29 +69,27 @@ class LayerStack(nnx.Module):
              attn_impl: str = "absorb", moe_impl: str | None = None, scan: bool | None = None
              ) -> tuple[jax.Array, LatentCache]:
     """T new tokens x [B,T,D] at `positions` int[B,T] through every layer: each layer attends
-    over its cache slots (`cache_mask` [B,1,T,S]) and the new tokens (`new_mask` [B,1,T,T]),
-    and the new tokens' latents are written to slots `positions` of the returned cache."""
+    over its cache slots (`cache_mask` [B,1,T,S]) and the new tokens (`new_mask` [B,1,T,T]).
+    The layers only read the cache; the new tokens' latents of all layers are written to
+    slots `positions` once, after the last layer (one in-place scatter when the cache
+    buffer is donated)."""
     graphdef, state = nnx.split(self.blocks)
-    rows = jnp.arange(x.shape[0])[:, None]
 
-    def body(carry, layer):
-      h, c_kv, k_pe = carry
-      layer_state, i = layer
-      segment = KeySegment(c_kv[i], k_pe[i], cache_mask)
-      h, (new_c, new_pe) = nnx.merge(graphdef, layer_state).decode(
-          h, cos, sin, segment, new_mask, attn_impl, moe_impl)
-      c_kv = c_kv.at[i, rows, positions].set(new_c.astype(c_kv.dtype))
-      k_pe = k_pe.at[i, rows, positions].set(new_pe.astype(k_pe.dtype))
-      return (h, c_kv, k_pe), None
+    def body(h, layer):
+      layer_state, c_kv, k_pe = layer
+      return nnx.merge(graphdef, layer_state).decode(
+          h, cos, sin, KeySegment(c_kv, k_pe, cache_mask), new_mask, attn_impl, moe_impl)
 
-    carry = (x, cache.c_kv, cache.k_pe)
+    layers = (state, cache.c_kv, cache.k_pe)
     if self.scan if scan is None else scan:
-      carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(self.num_layers)))
+      x, (new_c, new_pe) = jax.lax.scan(body, x, layers)
     else:
+      outputs = []
       for i in range(self.num_layers):
-        carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], state), i))
-    x, c_kv, k_pe = carry
-    return x, LatentCache(c_kv, k_pe)
+        x, out = body(x, jax.tree.map(lambda a, i=i: a[i], layers))
+        outputs.append(out)
+      new_c, new_pe = (jnp.stack(a) for a in zip(*outputs))
+    return x, write_slots(cache, LatentCache(new_c, new_pe), positions)
 
   def _run(self, layer_fn, x, scan: bool | None):
     """Runs `layer_fn(block, h) -> (h, per-layer outputs)` over the layers (scanned or

@@ -10,7 +10,7 @@ from dsjax.config import ModelConfig
 from dsjax.model.mtp import MTPModule
 from dsjax.model.norm import RMSNorm
 from dsjax.model.param import normal_param
-from dsjax.model.stack import LatentCache, LayerStack
+from dsjax.model.stack import LatentCache, LayerStack, write_slots
 from dsjax.ops.attention import attention_mask, decode_masks
 from dsjax.ops.latent_attention import KeySegment
 from dsjax.ops.rope import rope_cos_sin
@@ -123,14 +123,16 @@ class Transformer(nnx.Module):
 
   def mtp_prefill(self, next_ids: jax.Array, hidden: jax.Array, positions: jax.Array,
                   moe_impl: str | None = None) -> tuple[jax.Array, LatentCache]:
-    """The first MTP module over aligned inputs: row i pairs hidden[:, i] (main model, token
-    i-1) with next_ids[:, i] at positions[:, i]. Returns (logits [B,T,V] predicting the token
-    after next_ids, its latent cache [1,B,T,...] with slot t for input t)."""
+    """The first MTP module over aligned inputs: input t pairs hidden[:, t] (the main model's
+    final hidden state of the token before next_ids[:, t]) with next_ids[:, t] at
+    positions[:, t]. Returns (the module's normalised hidden [B,T,D], whose logits
+    (`logits_from_hidden`) predict the token after next_ids, and its latent cache [1,B,T,...]
+    with slot t for input t)."""
     module = self._first_mtp()
     cos, sin, mask = self._rope_and_mask(positions, None)
     out, (c_kv, k_pe) = module.prefill(self.embed_tokens(next_ids), hidden, cos, sin, mask,
                                        moe_impl)
-    return self.logits_from_hidden(out), LatentCache(c_kv[None], k_pe[None])
+    return out, LatentCache(c_kv[None], k_pe[None])
 
   def mtp_decode(self, next_ids: jax.Array, hidden: jax.Array, positions: jax.Array,
                  cache: LatentCache, attn_impl: str = "absorb", moe_impl: str | None = None
@@ -146,10 +148,8 @@ class Transformer(nnx.Module):
     segment = KeySegment(cache.c_kv[0], cache.k_pe[0], cache_mask)
     out, (c_kv, k_pe) = module.decode(self.embed_tokens(next_ids), hidden, cos, sin, segment,
                                       new_mask, attn_impl, moe_impl)
-    rows = jnp.arange(next_ids.shape[0])[:, None]
-    return self.logits_from_hidden(out), LatentCache(
-        cache.c_kv.at[0, rows, positions].set(c_kv.astype(cache.c_kv.dtype)),
-        cache.k_pe.at[0, rows, positions].set(k_pe.astype(cache.k_pe.dtype)))
+    return self.logits_from_hidden(out), write_slots(
+        cache, LatentCache(c_kv[None], k_pe[None]), positions)
 
   def _first_mtp(self) -> MTPModule:
     if not len(self.mtp):

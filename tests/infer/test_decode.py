@@ -11,7 +11,7 @@ from flax import nnx
 
 import dsjax
 from dsjax.infer import Generator, bytes_per_token_per_layer, cache_ratio
-from dsjax.infer import generation as generate_module
+from dsjax.infer.generation import compiled_steps
 from dsjax.infer.cache import pad_slots
 from dsjax.model.transformer import DecodeCache
 from tests.model_fixtures import forward, randomized_model, tiny_config, tokens
@@ -73,10 +73,10 @@ def test_cache_bytes_per_token_per_layer_are_latent_plus_rope(dtype):
   graphdef, state = nnx.split(model)
   ids = jax.ShapeDtypeStruct((3, 16), jnp.int32)
   lengths = jax.ShapeDtypeStruct((3,), jnp.int32)
+  prefill = compiled_steps(graphdef).prefill
   _, _, cache = jax.eval_shape(
-      lambda s, i, n: generate_module._prefill(graphdef, s, i, n, jax.random.key(0), slots=128,
-                                               sampling=dsjax.infer.SamplingParams(),
-                                               moe_impl=None, draft=True),
+      lambda s, i, n: prefill(s, i, n, jax.random.key(0), slots=128,
+                              sampling=dsjax.infer.SamplingParams(), moe_impl=None, draft=True),
       state, ids, lengths)
   expected = (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
   assert bytes_per_token_per_layer(cache) == expected
@@ -94,7 +94,7 @@ def test_deepseek_v3_cache_ratio():
 
 def test_generation_compiles_once_per_bucket(model):
   generator = Generator(model)
-  prefill, decode = generate_module._prefill, generate_module._decode_step
+  prefill, decode = generator.steps.prefill, generator.steps.decode
   rng = np.random.default_rng(0)
 
   def prompts(*lengths):
