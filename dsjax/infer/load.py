@@ -27,7 +27,7 @@ from dsjax.config import ModelConfig
 from dsjax.data.tokenizer import Tokenizer, make_tokenizer
 from dsjax.infer.cli_io import ChatTemplate
 from dsjax.model.transformer import Transformer
-from dsjax.train.checkpointing import _flatten
+from dsjax.train.checkpointing import flatten_by_name
 from dsjax.train.state import split_model
 
 EXPERIMENT_FILE = "experiment.json"      # written by dsjax.train.loop
@@ -119,7 +119,7 @@ def _restore_model(state_dir: Path, cfg: ModelConfig) -> Transformer:
   the model's leaves are the names under params. and router_bias.: a partial restore of
   those names reads nothing else from disk."""
   graphdef, abstract = _abstract_model(cfg)
-  flat, treedef = _flatten(abstract)  # the same names TrainCheckpointer.save writes
+  flat, treedef = flatten_by_name(abstract)  # the same names TrainCheckpointer.save writes
   # The item's handler, not a Checkpointer: the step-level metadata file a Checkpointer
   # looks for sits one directory up, where the CheckpointManager wrote it.
   handler = ocp.PyTreeCheckpointHandler()

@@ -55,7 +55,7 @@ def _entry_name(entry) -> str:
   return str(entry)
 
 
-def _flatten(tree) -> tuple[dict[str, Any], Any]:
+def flatten_by_name(tree) -> tuple[dict[str, Any], Any]:
   """({leaf name: leaf}, treedef): names join the key path with '.', as Orbax names params."""
   leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
   flat = {}
@@ -171,7 +171,7 @@ class TrainCheckpointer:
     except (TypeError, ValueError) as e:
       raise TypeError(f"data_state must be a JSON-serialisable dict (the data iterator's "
                       f"get_state()); json.dumps failed: {e}") from e
-    flat, _ = _flatten(state)
+    flat, _ = flatten_by_name(state)
     key_impls = {n: str(jax.random.key_impl(x)) for n, x in flat.items() if _is_key(x)}
     flat = {n: jax.random.key_data(x) if n in key_impls else x for n, x in flat.items()}
     has_loss = eval_loss is not None and math.isfinite(float(eval_loss))
@@ -192,7 +192,7 @@ class TrainCheckpointer:
     """
     self.wait()
     step = self._resolve_step(step)
-    flat_abstract, treedef = _flatten(abstract_state)
+    flat_abstract, treedef = flatten_by_name(abstract_state)
     target = {n: _to_target(x) for n, x in flat_abstract.items()}
     self._check_fits(step, target)
     args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target),
