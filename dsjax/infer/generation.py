@@ -91,6 +91,13 @@ class GenerationResult:
 
 # ---- compiled steps (settings static: one compilation per shape bucket) ----
 
+def _last_logits(model: Transformer, hidden, lengths) -> jax.Array:
+  """Logits [B,V] of each row's last prompt position of hidden [B,T,D]; computing only these
+  leaves the [B,T,V] logits of the other positions as dead code."""
+  rows = jnp.arange(hidden.shape[0])
+  return model.logits_from_hidden(hidden[rows, lengths - 1][:, None])[:, 0]
+
+
 def _prefill(graphdef, state, ids, lengths, key, *, slots: int, sampling: SamplingParams,
              moe_impl: str | None, draft: bool):
   """Prompt ids [B,T] (right-padded to T, true lengths [B]) -> (first new token [B], MTP draft
@@ -98,9 +105,7 @@ def _prefill(graphdef, state, ids, lengths, key, *, slots: int, sampling: Sampli
   model = nnx.merge(graphdef, state)
   out, latents = model.prefill(ids, moe_impl=moe_impl)
   rows = jnp.arange(ids.shape[0])
-  # Logits of each row's last prompt token only (the full [B,T,V] logits are dead code).
-  last_logits = model.logits_from_hidden(out.hidden[rows, lengths - 1][:, None])[:, 0]
-  first = sample_next(last_logits, key, sampling)
+  first = sample_next(_last_logits(model, out.hidden, lengths), key, sampling)
   cache = DecodeCache(pad_slots(latents.dense, slots), pad_slots(latents.moe, slots), None)
   if not draft:
     return first, None, cache
@@ -109,8 +114,7 @@ def _prefill(graphdef, state, ids, lengths, key, *, slots: int, sampling: Sampli
   next_ids = jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1).at[rows, lengths - 1].set(first)
   positions = model.default_positions(ids) + 1
   mtp_hidden, mtp_latent = model.mtp_prefill(next_ids, out.hidden, positions, moe_impl)
-  mtp_logits = model.logits_from_hidden(mtp_hidden[rows, lengths - 1][:, None])[:, 0]
-  drafted = jnp.argmax(mtp_logits, axis=-1).astype(jnp.int32)
+  drafted = jnp.argmax(_last_logits(model, mtp_hidden, lengths), axis=-1).astype(jnp.int32)
   return first, drafted, cache._replace(mtp=pad_slots(mtp_latent, slots, offset=1))
 
 

@@ -141,10 +141,9 @@ class Transformer(nnx.Module):
     returns (logits [B,T,V], the cache with the new inputs written at their positions)."""
     module = self._first_mtp()
     cos, sin = rope_cos_sin(positions, self.config.rope, self.config.mla.qk_rope_head_dim)
-    cache_mask, new_mask = decode_masks(positions, cache.c_kv.shape[2])
     # The module's first input sits at position 1 (it pairs hidden state 0 with token 1), so
     # slot 0 is never written.
-    cache_mask = cache_mask.at[..., 0].set(False)
+    cache_mask, new_mask = decode_masks(positions, cache.c_kv.shape[2], first_slot=1)
     segment = KeySegment(cache.c_kv[0], cache.k_pe[0], cache_mask)
     out, (c_kv, k_pe) = module.decode(self.embed_tokens(next_ids), hidden, cos, sin, segment,
                                       new_mask, attn_impl, moe_impl)

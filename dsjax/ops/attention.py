@@ -16,13 +16,15 @@ def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
   return mask[:, None, :, :]
 
 
-def decode_masks(positions: jax.Array, cache_len: int) -> tuple[jax.Array, jax.Array]:
+def decode_masks(positions: jax.Array, cache_len: int, first_slot: int = 0
+                 ) -> tuple[jax.Array, jax.Array]:
   """Masks for T new tokens at consecutive positions int[B,T] of each row, over a cache whose
-  slot s holds position s: (cache slots below the row's first new position, bool[B,1,T,S];
-  the new tokens among themselves, causal, bool[B,1,T,T]). Slots at or after the first new
-  position are stale (a rejected draft, prompt padding) and stay hidden."""
-  slots = jnp.arange(cache_len, dtype=positions.dtype)
-  cache_mask = slots[None, None, None, :] < positions[:, None, :1, None]
+  slot s holds position s: (cache slots from `first_slot` up to below the row's first new
+  position, bool[B,1,T,S]; the new tokens among themselves, causal, bool[B,1,T,T]). Slots at
+  or after the first new position are stale (a rejected draft, prompt padding) and stay
+  hidden."""
+  slots = jnp.arange(cache_len, dtype=positions.dtype)[None, None, None, :]
+  cache_mask = (slots >= first_slot) & (slots < positions[:, None, :1, None])
   return cache_mask, attention_mask(positions, positions)
 
 
