@@ -188,18 +188,13 @@ def reply(obj: dict) -> None:
 
 def save_checkpoint(args, path: str) -> str:
   import torch
-  from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+  from transformers import DeepseekV3ForCausalLM
+  from v3_shape import v3_config
 
   heads = args.hidden // 64
-  config = DeepseekV3Config(
-      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-      moe_intermediate_size=args.hidden // 2, num_hidden_layers=args.layers,
-      num_attention_heads=heads, num_key_value_heads=heads, n_shared_experts=1,
-      n_routed_experts=args.experts, num_experts_per_tok=args.topk, n_group=4, topk_group=2,
-      first_k_dense_replace=1, q_lora_rank=args.hidden // 2, kv_lora_rank=args.hidden // 4,
-      qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-      max_position_embeddings=max(4096, args.prompt + args.new), num_nextn_predict_layers=0,
-      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+  config = v3_config(args, max_position_embeddings=max(4096, args.prompt + args.new),
+                     num_nextn_predict_layers=0, bos_token_id=None, eos_token_id=None,
+                     pad_token_id=None)
   torch.manual_seed(0)
   DeepseekV3ForCausalLM(config).save_pretrained(path)
   return (f"model: DeepseekV3 layout, hidden {args.hidden}, {args.layers} layers (1 dense, MLP "

@@ -15,22 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import DeepseekV3ForCausalLM
 
 import dsjax
 from dsjax.model.moe import resolve_impl
+from v3_shape import v3_config
 
 
 def torch_model(args) -> DeepseekV3ForCausalLM:
-  heads = args.hidden // 64
-  config = DeepseekV3Config(
-      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-      moe_intermediate_size=args.hidden // 2, num_hidden_layers=args.layers,
-      num_attention_heads=heads, num_key_value_heads=heads, n_shared_experts=1,
-      n_routed_experts=args.experts, num_experts_per_tok=args.topk, n_group=4, topk_group=2,
-      first_k_dense_replace=1, q_lora_rank=args.hidden // 2, kv_lora_rank=args.hidden // 4,
-      qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, max_position_embeddings=4096,
-      num_mtp_layers=0)
+  config = v3_config(args, num_mtp_layers=0)
   torch.manual_seed(0)
   return DeepseekV3ForCausalLM(config).eval()
 
