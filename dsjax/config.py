@@ -14,7 +14,7 @@ from typing import Any, Literal
 TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
 _TOPK_ALIASES = {"group_limited": "group_limited_greedy"}
 _DTYPES = ("float32", "bfloat16", "float16")
-MOE_IMPLS = ("auto", "dense", "blocked", "ragged")
+MOE_IMPLS = ("auto", "dense", "blocked", "ragged", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
 
@@ -117,8 +117,10 @@ class MoEConfig:
     impl: dispatch implementation, all exact (dropless): "dense" (every expert on every token,
       masked; fastest on CPU for few tokens, as in decoding), "blocked" (sorted by expert,
       padded to row blocks, batched einsum; for CPU training and prefill), "ragged" (sorted
-      by expert + lax.ragged_dot, for TPU/GPU), or "auto" (on CPU dense or blocked by the
-      token count, see dsjax.model.moe.resolve_impl; ragged elsewhere).
+      by expert + lax.ragged_dot, for TPU/GPU), "pallas" (sorted by expert + the Pallas gmm
+      kernel of pallas_kernels.gmm on TPU/GPU; its interpreter on CPU, for tests only), or
+      "auto" (on CPU dense or blocked by the token count, see
+      dsjax.model.moe.resolve_impl; ragged elsewhere).
   """
 
   n_routed_experts: int = 64
@@ -132,7 +134,7 @@ class MoEConfig:
   norm_topk_prob: bool = False
   routed_scaling_factor: float = 1.0
   first_k_dense_replace: int = 1
-  impl: Literal["auto", "dense", "blocked", "ragged"] = "auto"
+  impl: Literal["auto", "dense", "blocked", "ragged", "pallas"] = "auto"
 
   def __post_init__(self):
     object.__setattr__(self, "topk_method", _TOPK_ALIASES.get(self.topk_method, self.topk_method))

@@ -1,5 +1,7 @@
 """DeepSeekMoE layer: shared experts + routed experts with aux-loss-free bias routing."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -12,7 +14,9 @@ from dsjax.ops.routing import Routing, route
 
 
 _DISPATCH = {"dense": moe_dispatch.experts_dense, "blocked": moe_dispatch.experts_blocked,
-             "ragged": moe_dispatch.experts_sorted}
+             "ragged": moe_dispatch.experts_sorted,
+             "pallas": functools.partial(moe_dispatch.experts_sorted,
+                                         grouped_matmul=moe_dispatch.pallas_gmm)}
 
 
 def resolve_impl(impl: str, moe: MoEConfig, tokens: int | None = None) -> str:

@@ -9,6 +9,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.gmm import gmm
+
 
 def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
   return jax.nn.silu(gate) * up
@@ -43,6 +45,12 @@ def _unsort_and_combine(y_sorted: jax.Array, order: jax.Array, weights: jax.Arra
 
 def _ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
   return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+def pallas_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """The Pallas grouped-matmul kernel (pallas_kernels.gmm) for this machine's backend; on CPU
+  its interpreter (exact but slow: for tests)."""
+  return gmm(lhs, rhs, group_sizes, interpret=jax.default_backend() == "cpu")
 
 
 def experts_sorted(x, expert_ids, weights, w1, w3, w2,

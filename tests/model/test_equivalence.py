@@ -25,7 +25,7 @@ def test_scanned_equals_unrolled(model):
   assert_trees_close(g1, g2, 1e-5)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "blocked"])
+@pytest.mark.parametrize("impl", ["ragged", "blocked", "pallas"])
 def test_dense_dispatch_equals_sorted_dispatch(model, impl):
   ids = tokens(model.config)
   dense, other = forward(model, ids, moe_impl="dense"), forward(model, ids, moe_impl=impl)
