@@ -6,9 +6,9 @@ and ratios; nothing here is asserted.
 
 Shapes: w1/w3 (gate/up) K=7168 -> N=2048 and w2 (down) K=2048 -> N=7168, 256 experts, rows =
 tokens x top-k sorted by expert, group sizes uniform or skewed (Zipf-like: a few hot experts).
-The kernels need a TPU or GPU (on CPU they only run interpreted, for tests); ragged_dot is a
-dense emulation on CPU (groups x the FLOPs), so on CPU only the dense matmul and, with
---cpu_ragged, a small ragged_dot are timed.
+The kernels need a TPU or GPU (on CPU they only run interpreted, for tests), and ragged_dot
+is a dense emulation on CPU (at 256 rows it asks for 60 GB), so on CPU only the dense matmul
+is timed.
 """
 
 import argparse
@@ -48,11 +48,11 @@ def seconds(fn, args, repeats: int) -> float:
   return float(np.median(times))
 
 
-def methods(on_accelerator: bool, cpu_ragged: bool, dtype):
+def methods(on_accelerator: bool, interpret: bool, dtype):
   """name -> (function of (lhs, rhs, sizes), rhs layout 'grouped' | 'dense' | 'tgmm')."""
   out = {"dense matmul (same FLOPs)": (
       lambda x, w, s: jnp.dot(x, w, preferred_element_type=dtype), "dense")}
-  if on_accelerator or cpu_ragged:
+  if on_accelerator or interpret:
     out["lax.ragged_dot"] = (
         lambda x, w, s: jax.lax.ragged_dot(x, w, s, preferred_element_type=dtype), "grouped")
     # ragged_dot's weight gradient is the tgmm of XLA's own lowering.
@@ -60,9 +60,9 @@ def methods(on_accelerator: bool, cpu_ragged: bool, dtype):
         lambda x, dy, s: jax.vjp(lambda w: jax.lax.ragged_dot(x, w, s),
                                  jnp.zeros((s.shape[0], x.shape[1], dy.shape[1]), x.dtype)
                                  )[1](dy)[0], "tgmm")
-  if on_accelerator:
-    out["pallas gmm"] = (lambda x, w, s: gmm(x, w, s, dtype), "grouped")
-    out["pallas tgmm (weight grad)"] = (lambda x, dy, s: tgmm(x.T, dy, s, dtype), "tgmm")
+    out["pallas gmm"] = (lambda x, w, s: gmm(x, w, s, dtype, interpret=interpret), "grouped")
+    out["pallas tgmm (weight grad)"] = (
+        lambda x, dy, s: tgmm(x.T, dy, s, dtype, interpret=interpret), "tgmm")
   return out
 
 
@@ -83,8 +83,9 @@ def main():
   parser.add_argument("--groups", type=int, default=256)
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--cpu_ragged", action="store_true",
-                      help="also time ragged_dot on CPU (a dense emulation: slow)")
+  parser.add_argument("--interpret", action="store_true",
+                      help="CPU smoke test of this script: kernels interpreted, use tiny "
+                           "--rows/--groups; the timings mean nothing")
   args = parser.parse_args()
   device = jax.devices()[0]
   on_accelerator = device.platform in ("tpu", "gpu")
@@ -94,14 +95,15 @@ def main():
   print(f"machine: {device.device_kind} ({device.platform}), host {host}; jax "
         f"{jax.__version__}; {dtype.name}, rows={rows}, groups={args.groups}")
   if not on_accelerator:
-    print("no TPU/GPU: the Pallas kernels are not timed (CPU runs them only interpreted).")
+    print("no TPU/GPU: only the dense matmul is timed (the kernels run on CPU only interpreted;"
+          " ragged_dot is a dense emulation there).")
   key = jax.random.key(0)
   for shape_name, (k, n) in SHAPES.items():
     for kind in ("uniform", "skewed"):
       sizes = jnp.asarray(group_sizes(rows, args.groups, kind))
       print(f"\n{shape_name}: K={k} N={n}, {kind} groups (largest {int(sizes.max())} rows)")
       times = {}
-      for name, (fn, layout) in methods(on_accelerator, args.cpu_ragged, dtype).items():
+      for name, (fn, layout) in methods(on_accelerator, args.interpret, dtype).items():
         x, w = operands(layout, rows, k, n, args.groups, dtype, key)
         times[name] = seconds(fn, (x, w, sizes), args.repeats)
         print(f"  {name:30s} {times[name] * 1e3:9.3f} ms  "
