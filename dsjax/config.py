@@ -96,6 +96,57 @@ class MLAConfig:
     return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
+NSA_SELECT_IMPLS = ("auto", "gather", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class NSAConfig:
+  """Native Sparse Attention (Yuan et al. 2025): GQA with compression, selection and
+  sliding-window branches mixed by per-head sigmoid gates. Defaults are the paper's.
+
+  Attributes:
+    num_kv_heads: KV heads; num_attention_heads must be a multiple (G query heads per group).
+    head_dim: query/key dims per head (all rotary).
+    v_head_dim: value dims per head.
+    compress_block: l, tokens per compressed block.
+    compress_stride: d, stride between compressed blocks (divides l and select_block).
+    compress_hidden: hidden width of the compression MLP phi.
+    select_block: l', tokens per selection block.
+    num_selected: n, selection blocks per query (the first block and the 2 local blocks
+      included).
+    window: w, tokens of the sliding window (the query's own token included).
+    select_impl: "gather" (XLA gather of the selected blocks; CPU), "pallas" (the
+      pallas_kernels.nsa kernel; interpreted on CPU) or "auto" (gather on CPU, pallas
+      elsewhere).
+  """
+
+  num_kv_heads: int = 1
+  head_dim: int = 64
+  v_head_dim: int = 64
+  compress_block: int = 32
+  compress_stride: int = 16
+  compress_hidden: int = 128
+  select_block: int = 64
+  num_selected: int = 16
+  window: int = 512
+  select_impl: Literal["auto", "gather", "pallas"] = "auto"
+
+  def __post_init__(self):
+    for name in ("num_kv_heads", "head_dim", "v_head_dim", "compress_block", "compress_stride",
+                 "compress_hidden", "select_block", "window"):
+      _check(getattr(self, name) > 0, f"nsa.{name}={getattr(self, name)} must be > 0.")
+    _check(self.head_dim % 2 == 0, f"nsa.head_dim={self.head_dim} must be even (rotary pairs).")
+    _check(self.compress_block % self.compress_stride == 0
+           and self.select_block % self.compress_stride == 0,
+           f"nsa.compress_stride={self.compress_stride} must divide compress_block="
+           f"{self.compress_block} and select_block={self.select_block}.")
+    _check(self.num_selected >= 3,
+           f"nsa.num_selected={self.num_selected}; use >= 3 (the first block and the 2 local "
+           "blocks are always selected).")
+    _check(self.select_impl in NSA_SELECT_IMPLS,
+           f"nsa.select_impl={self.select_impl!r}; use one of {NSA_SELECT_IMPLS}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
   """DeepSeekMoE: shared experts plus fine-grained routed experts.
@@ -176,7 +227,10 @@ class ModelConfig:
     num_hidden_layers: decoder layers of the main model (MTP modules not included).
     num_attention_heads: N.
     intermediate_size: F of the dense SwiGLU MLP (first_k_dense_replace layers).
-    mla: attention dimensions.
+    attention: "mla" (Multi-head Latent Attention, DeepSeek-V2/V3) or "nsa" (Native Sparse
+      Attention, GQA-based; dims in `nsa`).
+    mla: MLA dimensions (unused by NSA layers).
+    nsa: NSA dimensions and block sizes; defaults to NSAConfig() when attention="nsa".
     rope: rotary embedding.
     moe: routed experts; None makes every layer dense.
     num_mtp_layers: multi-token-prediction modules (DeepSeek-V3 has 1).
@@ -196,7 +250,9 @@ class ModelConfig:
   num_hidden_layers: int = 27
   num_attention_heads: int = 16
   intermediate_size: int = 10944
+  attention: Literal["mla", "nsa"] = "mla"
   mla: MLAConfig = dataclasses.field(default_factory=MLAConfig)
+  nsa: NSAConfig | None = None
   rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
   moe: MoEConfig | None = dataclasses.field(default_factory=MoEConfig)
   num_mtp_layers: int = 0
@@ -221,11 +277,20 @@ class ModelConfig:
            f"dtype={self.dtype!r}, param_dtype={self.param_dtype!r}; use one of {_DTYPES}.")
     _check(self.remat_policy in REMAT_POLICIES,
            f"remat_policy={self.remat_policy!r}; use one of {REMAT_POLICIES}.")
-    for name, cls in (("mla", MLAConfig), ("rope", RopeConfig), ("moe", MoEConfig)):
+    _check(self.attention in ("mla", "nsa"),
+           f"attention={self.attention!r}; use 'mla' or 'nsa'.")
+    if self.attention == "nsa" and self.nsa is None:
+      object.__setattr__(self, "nsa", NSAConfig())
+    for name, cls in (("mla", MLAConfig), ("rope", RopeConfig), ("moe", MoEConfig),
+                      ("nsa", NSAConfig)):
       value = getattr(self, name)
-      _check(isinstance(value, cls) or (name == "moe" and value is None),
+      _check(isinstance(value, cls) or (name in ("moe", "nsa") and value is None),
              f"{name}={value!r} must be a {cls.__name__}; build nested dicts with "
              "ModelConfig.from_dict.")
+    if self.attention == "nsa":
+      _check(self.num_attention_heads % self.nsa.num_kv_heads == 0,
+             f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+             f"nsa.num_kv_heads={self.nsa.num_kv_heads}; NSA needs whole GQA groups.")
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
     if self.moe is not None:
@@ -247,6 +312,11 @@ class ModelConfig:
   @property
   def num_moe_layers(self) -> int:
     return self.num_hidden_layers - self.num_dense_layers
+
+  @property
+  def rope_dim(self) -> int:
+    """Rotary dims per head: MLA's shared rope key, or NSA's whole head."""
+    return self.nsa.head_dim if self.attention == "nsa" else self.mla.qk_rope_head_dim
 
   @property
   def softmax_scale(self) -> float:
@@ -290,7 +360,7 @@ class ModelConfig:
     return hf_config.to_hf(self)
 
 
-SUB_CONFIGS = {"mla": MLAConfig, "rope": RopeConfig, "moe": MoEConfig}
+SUB_CONFIGS = {"mla": MLAConfig, "rope": RopeConfig, "moe": MoEConfig, "nsa": NSAConfig}
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

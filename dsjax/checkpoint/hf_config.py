@@ -96,6 +96,9 @@ def _rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
 
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:
   """A `config.json` dictionary for transformers' DeepseekV3ForCausalLM / DeepseekV2ForCausalLM."""
+  if cfg.attention != "mla":
+    raise ValueError(f"attention={cfg.attention!r} has no HuggingFace DeepseekV2/V3 equivalent; "
+                     "save NSA models as dsjax (Orbax) checkpoints.")
   model_type = hf_model_type(cfg)
   moe = cfg.moe
   if model_type == "deepseek_v3" and moe.topk_method == "group_limited_greedy":

@@ -8,6 +8,7 @@ from dsjax.model.mla import MLA
 from dsjax.model.mlp import MLP
 from dsjax.model.moe import MoE
 from dsjax.model.norm import RMSNorm
+from dsjax.model.nsa import NSAttention
 from dsjax.ops.latent_attention import KeySegment
 from dsjax.ops.routing import Routing
 
@@ -17,7 +18,12 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, use_moe: bool, *, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", cfg.param_dtype)
-    self.attn = MLA(cfg, rngs=rngs)
+    if cfg.attention == "nsa":
+      self.attn = NSAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.nsa,
+                              std=cfg.initializer_range, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype, rngs=rngs)
+    else:
+      self.attn = MLA(cfg, rngs=rngs)
     self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", cfg.param_dtype)
     if use_moe:
       self.ffn = MoE(cfg, rngs=rngs)
@@ -28,6 +34,10 @@ class Block(nnx.Module):
 
   def __call__(self, x, cos, sin, mask, moe_impl: str | None = None
                ) -> tuple[jax.Array, Routing | None]:
+    if isinstance(self.attn, NSAttention):
+      # NSA is causal over the whole row: packed documents see their predecessors (the mask,
+      # which would separate them, applies to MLA only).
+      return self._ffn(x + self.attn(self.attn_norm(x), cos, sin), moe_impl)
     return self._ffn(x + self.attn(self.attn_norm(x), cos, sin, mask), moe_impl)
 
   def prefill(self, x, cos, sin, mask, moe_impl: str | None = None):

@@ -58,7 +58,7 @@ class Transformer(nnx.Module):
     return jnp.einsum("BTD,DV->BTV", hidden, head.astype(self.config.dtype))
 
   def _rope_and_mask(self, positions, segment_ids):
-    cos, sin = rope_cos_sin(positions, self.config.rope, self.config.mla.qk_rope_head_dim)
+    cos, sin = rope_cos_sin(positions, self.config.rope, self.config.rope_dim)
     return cos, sin, attention_mask(positions, positions, segment_ids, segment_ids)
 
   @staticmethod
@@ -89,6 +89,10 @@ class Transformer(nnx.Module):
               ) -> tuple[ModelOutput, DecodeCache]:
     """forward() that also returns what the decode cache stores for these T tokens: a
     DecodeCache with S = T (slot t = token t) for the dense and MoE stacks (mtp None)."""
+    if self.config.attention != "mla":
+      raise NotImplementedError(
+          f"prefill/decode (generation) support attention='mla' only; attention="
+          f"{self.config.attention!r} needs NSA's decode state, which is not implemented yet.")
     self._check_input(input_ids)
     positions = self.default_positions(input_ids) if positions is None else positions
     cos, sin, mask = self._rope_and_mask(positions, None)
@@ -109,7 +113,7 @@ class Transformer(nnx.Module):
     over cache slots below each row's first position and over each other. Returns (logits
     [B,T,V], final hidden [B,T,D], the cache with the new tokens written at their positions).
     attn_impl "absorb" attends in the latent space; "naive" expands keys/values."""
-    cos, sin = rope_cos_sin(positions, self.config.rope, self.config.mla.qk_rope_head_dim)
+    cos, sin = rope_cos_sin(positions, self.config.rope, self.config.rope_dim)
     slots = (cache.dense or cache.moe).c_kv.shape[2]
     cache_mask, new_mask = decode_masks(positions, slots)
     x = self.embed_tokens(input_ids)
@@ -140,7 +144,7 @@ class Transformer(nnx.Module):
     """mtp_prefill for new inputs at positions int[B,T] over the module's cache [1,B,S,...];
     returns (logits [B,T,V], the cache with the new inputs written at their positions)."""
     module = self._first_mtp()
-    cos, sin = rope_cos_sin(positions, self.config.rope, self.config.mla.qk_rope_head_dim)
+    cos, sin = rope_cos_sin(positions, self.config.rope, self.config.rope_dim)
     # The module's first input sits at position 1 (it pairs hidden state 0 with token 1), so
     # slot 0 is never written.
     cache_mask, new_mask = decode_masks(positions, cache.c_kv.shape[2], first_slot=1)

@@ -113,6 +113,10 @@ def _print_sample(run: Run, state: TrainState, log) -> str | None:
   room = run.model_cfg.max_position_embeddings - len(ids)
   if not ids or not run.cfg.train.sample_tokens or room < 1:
     return None
+  if run.model_cfg.attention != "mla":
+    log(f"No sample: generation for attention={run.model_cfg.attention!r} is not implemented "
+        "yet (it needs NSA's decode state).")
+    return None
   model = nnx.merge(run.graphdef, state.params, state.router_bias)
   out = Generator(model).generate([ids], min(run.cfg.train.sample_tokens, room),
                                   temperature=0.7, seed=run.cfg.seed)

@@ -1,0 +1,113 @@
+"""Native Sparse Attention layer (Yuan et al. 2025), GQA-based as in the paper.
+
+x -> queries (N heads, rotary) shared by three branches, each with its own keys and values
+(KV heads; the paper gives every branch independent K/V so that one branch's gradients do not
+shortcut another's):
+  compression  keys/values of each block of l tokens (stride d) mapped to one key/value by a
+               learnable MLP phi with an intra-block position embedding;
+  selection    the top-n blocks of l' tokens by the compression probabilities (dsjax.ops.nsa);
+  window       the last w tokens.
+Per-head sigmoid gates mix the three outputs, then wo projects back to the model dim.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.config import NSAConfig
+from dsjax.model.param import normal_param
+from dsjax.ops import nsa as nsa_ops
+from dsjax.ops.rope import apply_rope
+from pallas_kernels import nsa as nsa_kernels
+from pallas_kernels.nsa.reference import selected_attention_gather
+
+BRANCHES = ("compression", "selection", "window")
+
+
+class Compressor(nnx.Module):
+  """phi: the l tokens of a block of one KV head [l,H] -> one vector [H]:
+  silu((block + position) . w1) . w2, shared by all blocks and heads."""
+
+  def __init__(self, length: int, head_dim: int, hidden: int, std: float, param_dtype,
+               rngs: nnx.Rngs):
+    self.position = normal_param(rngs, (length, head_dim), (None, "head_dim"), std, param_dtype)
+    self.w1 = normal_param(rngs, (length, head_dim, hidden), (None, "head_dim", "mlp"), std,
+                           param_dtype)
+    self.w2 = normal_param(rngs, (hidden, head_dim), ("mlp", "head_dim"), std, param_dtype)
+
+  def __call__(self, blocks: jax.Array) -> jax.Array:
+    """blocks [B,C,KV,l,H] -> [B,C,KV,H]."""
+    h = jnp.einsum("BCKLH,LHF->BCKF", blocks + self.position[...].astype(blocks.dtype),
+                   self.w1[...].astype(blocks.dtype))
+    return jnp.einsum("BCKF,FH->BCKH", jax.nn.silu(h), self.w2[...].astype(blocks.dtype))
+
+
+def resolve_select_impl(impl: str) -> str:
+  """'auto' -> the XLA gather path on CPU, the Pallas kernel on TPU/GPU."""
+  if impl != "auto":
+    return impl
+  return "gather" if jax.default_backend() == "cpu" else "pallas"
+
+
+class NSAttention(nnx.Module):
+  """x [B,T,D] -> [B,T,D], with rotary cos/sin [B,T,head_dim/2]; causal."""
+
+  def __init__(self, hidden_size: int, num_heads: int, nsa: NSAConfig, *, std: float,
+               dtype="float32", param_dtype="float32", rngs: nnx.Rngs):
+    if num_heads % nsa.num_kv_heads:
+      raise ValueError(f"num_attention_heads={num_heads} is not a multiple of "
+                       f"nsa.num_kv_heads={nsa.num_kv_heads}; NSA needs whole GQA groups.")
+    d, n, kv, h, hv = hidden_size, num_heads, nsa.num_kv_heads, nsa.head_dim, nsa.v_head_dim
+    nb = len(BRANCHES)
+    self.wq = normal_param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, param_dtype)
+    self.wk = normal_param(rngs, (nb, d, kv, h), (None, "embed", "heads", "head_dim"), std,
+                           param_dtype)
+    self.wv = normal_param(rngs, (nb, d, kv, hv), (None, "embed", "heads", "head_dim"), std,
+                           param_dtype)
+    self.gate = normal_param(rngs, (d, n, nb), ("embed", "heads", None), std, param_dtype)
+    self.wo = normal_param(rngs, (n, hv, d), ("heads", "head_dim", "embed"), std, param_dtype)
+    length, hidden = nsa.compress_block, nsa.compress_hidden
+    self.compress_k = Compressor(length, h, hidden, std, param_dtype, rngs)
+    self.compress_v = Compressor(length, hv, hidden, std, param_dtype, rngs)
+    self.nsa = nsa
+    self.dtype = dtype
+
+  def branches(self, x, cos, sin, select_impl: str | None = None):
+    """The three branch outputs [3,B,T,N,Hv] (float32), the gates [B,T,N,3] and the selected
+    block indices int32[B,T,KV,n]."""
+    cfg, dt = self.nsa, self.dtype
+    x = x.astype(dt)
+    q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt)), cos, sin)
+    k = jnp.einsum("BTD,CDKH->CBTKH", x, self.wk[...].astype(dt))
+    v = jnp.einsum("BTD,CDKH->CBTKH", x, self.wv[...].astype(dt))
+    k = jnp.stack([apply_rope(k[c], cos, sin) for c in range(len(BRANCHES))]).astype(dt)
+    scale = cfg.head_dim ** -0.5
+    o_cmp, probs = self._compression(q, k[0], v[0], scale)
+    scores = nsa_ops.selection_scores(jax.lax.stop_gradient(probs), cfg.num_kv_heads,
+                                      cfg.compress_block, cfg.compress_stride, cfg.select_block)
+    indices = nsa_ops.select_blocks(scores, cfg.num_selected, cfg.select_block)
+    if resolve_select_impl(select_impl or cfg.select_impl) == "pallas":
+      o_slc = nsa_kernels.selected_attention(q, k[1], v[1], indices, cfg.select_block, scale,
+                                             interpret=jax.default_backend() == "cpu")
+    else:
+      o_slc = selected_attention_gather(q, k[1], v[1], indices, cfg.select_block, scale)
+    o_win = nsa_ops.sliding_window_attention(q, k[2], v[2], cfg.window, scale)
+    gates = jax.nn.sigmoid(jnp.einsum("BTD,DNC->BTNC", x, self.gate[...].astype(dt))
+                           .astype(jnp.float32))
+    outs = jnp.stack([o.astype(jnp.float32) for o in (o_cmp, o_slc, o_win)])
+    return outs, gates, indices
+
+  def __call__(self, x, cos, sin, select_impl: str | None = None) -> jax.Array:
+    outs, gates, _ = self.branches(x, cos, sin, select_impl)
+    mixed = jnp.einsum("CBTNH,BTNC->BTNH", outs, gates).astype(self.dtype)
+    return jnp.einsum("BTNH,NHD->BTD", mixed, self.wo[...].astype(self.dtype))
+
+  def _compression(self, q, k, v, scale):
+    cfg = self.nsa
+    length, stride = cfg.compress_block, cfg.compress_stride
+    b, t, n = q.shape[:3]
+    if nsa_ops.num_compressed_blocks(t, length, stride) == 0:  # shorter than one block
+      return jnp.zeros((b, t, n, cfg.v_head_dim), jnp.float32), jnp.zeros((b, t, n, 0))
+    k_cmp = self.compress_k(nsa_ops.block_windows(k, length, stride))
+    v_cmp = self.compress_v(nsa_ops.block_windows(v, length, stride))
+    return nsa_ops.compression_attention(q, k_cmp, v_cmp, length, stride, scale)

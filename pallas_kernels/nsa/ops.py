@@ -1,0 +1,139 @@
+"""Public selected-block attention: `selected_attention`, differentiable (custom_vjp), on the
+TPU (Mosaic) or GPU (Triton) kernels. Semantics: reference.py.
+
+Backward: delta = rowsum(dO * O) in XLA, then
+  dq:    a kernel with the forward's structure that recomputes P from the saved lse;
+  dk/dv: a kernel per key block over the queries that selected it (metadata.py), so each
+         dk/dv row is written once without scatter or atomics.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.nsa import gpu, tpu, tpu_common
+from pallas_kernels.nsa.metadata import block_query_lists
+from pallas_kernels.nsa.reference import default_scale
+from pallas_kernels.nsa.tiling import BlockSizes
+
+BACKENDS = ("tpu", "gpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  block_size: int
+  scale: float
+  tiling: BlockSizes
+  interpret: bool
+  backend: str
+
+
+def resolve_backend(backend: str | None, interpret: bool) -> str:
+  """'tpu' or 'gpu'. On CPU only interpret mode can run a kernel; it defaults to the TPU
+  kernel, whose interpreter also checks every DMA and SMEM read is in bounds."""
+  if backend is not None:
+    if backend not in BACKENDS:
+      raise ValueError(f"backend={backend!r}; use one of {BACKENDS} (or None for this "
+                       "machine's).")
+    return backend
+  platform = jax.default_backend()
+  if platform == "tpu":
+    return "tpu"
+  if platform in ("gpu", "cuda", "rocm"):
+    return "gpu"
+  if interpret:
+    return "tpu"
+  raise ValueError(f"selected_attention has kernels for TPU and GPU, not {platform!r}: pass "
+                   "interpret=True (slow; for tests) or use selected_attention_gather.")
+
+
+def _check_operands(q, k, v, block_indices, block_size):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"selected_attention: q {q.shape}, k {k.shape}, v {v.shape} must be "
+                     "[B,T,HQ,D], [B,T,H,D], [B,T,H,Dv].")
+  if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
+    raise ValueError(f"selected_attention: batch/length/heads differ: q {q.shape}, k "
+                     f"{k.shape}, v {v.shape}.")
+  if q.shape[-1] != k.shape[-1]:
+    raise ValueError(f"selected_attention: q head dim {q.shape[-1]} != k head dim "
+                     f"{k.shape[-1]}.")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"selected_attention: {q.shape[2]} query heads are not a multiple of "
+                     f"{k.shape[2]} kv heads (GQA needs HQ = H*G).")
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f"selected_attention: q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}; "
+                     "cast them to one dtype.")
+  if block_indices.shape[:3] != k.shape[:3] or block_indices.ndim != 4:
+    raise ValueError(f"selected_attention: block_indices {block_indices.shape} must be "
+                     f"[B,T,H,S] = {list(k.shape[:3])} + [S].")
+  if not jnp.issubdtype(block_indices.dtype, jnp.integer):
+    raise ValueError(f"selected_attention: block_indices must be integers, got "
+                     f"{block_indices.dtype}.")
+  if not isinstance(block_size, int) or block_size < 1:
+    raise ValueError(f"selected_attention: block_size={block_size!r}; use a positive int.")
+
+
+def _forward(q, k, v, block_indices, opts: _Options):
+  if opts.backend == "tpu":
+    return tpu.forward_tpu(q, k, v, block_indices, opts.block_size, opts.scale,
+                           tiling=opts.tiling, interpret=opts.interpret)
+  return gpu.forward_gpu(q, k, v, block_indices, opts.block_size, opts.scale,
+                         tiling=opts.tiling, interpret=opts.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _selected_attention(q, k, v, block_indices, opts: _Options):
+  return _forward(q, k, v, block_indices, opts)[0]
+
+
+def _selected_attention_fwd(q, k, v, block_indices, opts: _Options):
+  o, lse = _forward(q, k, v, block_indices, opts)
+  return o, (q, k, v, block_indices, o, lse)
+
+
+def _selected_attention_bwd(opts: _Options, residuals, do):
+  q, k, v, block_indices, o, lse = residuals
+  do = do.astype(q.dtype)
+  # The softmax backward's row term, from the stored (rounded) output as flash attention does.
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+  num_blocks = -(-q.shape[1] // opts.block_size)
+  lists = block_query_lists(block_indices, opts.block_size, num_blocks)
+  backward = tpu.backward_tpu if opts.backend == "tpu" else gpu.backward_gpu
+  dq, dk, dv = backward(q, k, v, block_indices, lse, delta, do, lists, opts.block_size,
+                        opts.scale, tiling=opts.tiling, interpret=opts.interpret)
+  return dq, dk, dv, None
+
+
+_selected_attention.defvjp(_selected_attention_fwd, _selected_attention_bwd)
+
+
+def selected_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indices: jax.Array,
+                       block_size: int, scale: float | None = None, *,
+                       tiling: BlockSizes | None = None, interpret: bool = False,
+                       backend: str | None = None) -> jax.Array:
+  """NSA's selected-block attention, differentiable in q, k and v.
+
+  q [B,T,HQ,D], k [B,T,H,D], v [B,T,H,Dv] (one dtype; HQ = H*G, query heads h*G .. h*G+G-1
+  share kv head h), block_indices int [B,T,H,S]: the key blocks (of `block_size` tokens)
+  each query's kv group attends to, -1 for none; distinct within a row apart from -1.
+  Keys past the query are masked. -> o [B,T,HQ,Dv] in q's dtype; a query with no allowed key
+  gives 0. `scale`: a Python float, default D**-0.5. `tiling`: BlockSizes; `interpret`: run
+  in Pallas' interpreter (CPU tests); `backend`: 'tpu' | 'gpu' (default: this machine's, and
+  'tpu' for interpret mode on CPU).
+  """
+  _check_operands(q, k, v, block_indices, block_size)
+  if scale is not None and not isinstance(scale, (int, float)):
+    raise ValueError(f"selected_attention: scale must be a Python number (it is compiled "
+                     f"into the kernels), got {type(scale).__name__}.")
+  opts = _Options(block_size, float(default_scale(q.shape[-1]) if scale is None else scale),
+                  tiling or BlockSizes(), interpret, resolve_backend(backend, interpret))
+  if opts.backend == "tpu":
+    tpu_common.check_block_size(block_size, q.dtype)
+  block_indices = block_indices.astype(jnp.int32)
+  if block_indices.shape[-1] == 0:  # Keeps the kernels' slot loops non-empty.
+    block_indices = jnp.full((*block_indices.shape[:3], 1), -1, jnp.int32)
+  if q.shape[1] == 0:
+    return jnp.zeros((*q.shape[:3], v.shape[-1]), q.dtype)
+  return _selected_attention(q, k, v, block_indices, opts)

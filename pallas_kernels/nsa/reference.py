@@ -1,0 +1,104 @@
+"""Selected-block attention of Native Sparse Attention (Yuan et al. 2025) in plain XLA.
+
+Semantics (the kernels are tested against these; they match fla-core's
+`naive_nsa_selection`, except that a query with no allowed key gives 0, not NaN):
+  - q [B,T,HQ,D], k [B,T,H,D], v [B,T,H,Dv], HQ = H*G: query heads h*G .. h*G+G-1 share
+    kv head h (GQA) and with it the row block_indices[b,t,h,:] of S selected key blocks.
+  - Block j holds the tokens [j*l', (j+1)*l') (l' = block_size; the last block of a sequence
+    whose length is not a multiple of l' is shorter). Index -1 selects nothing.
+  - Query t attends to the tokens of its selected blocks at positions <= t (causal at token
+    level, so a selected block past t adds nothing), softmax in float32, scale D**-0.5 by
+    default. A query with no allowed key gives 0 and log-sum-exp -inf.
+  - Indices in a row are distinct apart from -1 (they come from a top-n). A repeated index
+    counts once in the dense oracle but twice in the gather path and the kernels.
+
+`selected_attention_reference` is the O(T^2) dense-mask oracle; `selected_attention_gather`
+gathers the S*l' selected keys of every query, O(T*S*l'), and is the fast path on CPU, which
+plain JAX autodiff differentiates.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def default_scale(head_dim: int) -> float:
+  return head_dim ** -0.5
+
+
+def allowed_keys(block_indices: jax.Array, block_size: int, seq_len: int) -> jax.Array:
+  """block_indices [B,T,H,S] -> bool [B,T,H,T]: key s is allowed for query t."""
+  key_block = jnp.arange(seq_len, dtype=jnp.int32) // block_size
+  selected = jnp.any(block_indices[..., :, None] == key_block, axis=-2)
+  causal = jnp.arange(seq_len)[None, :] <= jnp.arange(seq_len)[:, None]
+  return selected & causal[None, :, None, :]
+
+
+def _masked_softmax(scores, mask):
+  """scores [..., N] (f32), mask broadcastable to it -> (probabilities, lse [...]).
+
+  Rows with no allowed key give all-zero probabilities and lse -inf, with finite gradients:
+  the shift is a stop_gradient (softmax does not depend on it) and log/division only ever
+  see a positive denominator."""
+  scores = jnp.where(mask, scores, -jnp.inf)
+  shift = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.)
+  unnormalised = jnp.where(mask, jnp.exp(scores - shift), 0.)
+  denom = jnp.sum(unnormalised, axis=-1, keepdims=True)
+  nonempty = denom > 0
+  safe_denom = jnp.where(nonempty, denom, 1.)
+  lse = jnp.where(nonempty, shift + jnp.log(safe_denom), -jnp.inf)
+  return unnormalised / safe_denom, lse[..., 0]
+
+
+def _split_heads(q, num_kv_heads: int):
+  b, t, hq, d = q.shape
+  return q.reshape(b, t, num_kv_heads, hq // num_kv_heads, d).astype(jnp.float32)
+
+
+def selected_attention_reference(q, k, v, block_indices, block_size: int, scale=None,
+                                 return_lse: bool = False):
+  """The dense-mask oracle: -> o [B,T,HQ,Dv] (q's dtype), and lse [B,T,HQ] (f32) when
+  return_lse. Computed in float32 at HIGHEST precision."""
+  b, t, hq, d = q.shape
+  h = k.shape[2]
+  scale = default_scale(d) if scale is None else scale
+  qg = _split_heads(q, h)
+  scores = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32), precision=_HIGHEST)
+  mask = allowed_keys(block_indices, block_size, t)[:, :, :, None, :]
+  p, lse = _masked_softmax(scores * scale, mask)
+  o = jnp.einsum("bthgs,bshe->bthge", p, v.astype(jnp.float32), precision=_HIGHEST)
+  o = o.reshape(b, t, hq, v.shape[-1]).astype(q.dtype)
+  return (o, lse.reshape(b, t, hq)) if return_lse else o
+
+
+def gather_selected(x: jax.Array, block_indices: jax.Array, block_size: int):
+  """x [B,T,H,E], block_indices [B,T,H,S] -> (the selected tokens [B,T,H,S*l',E], whether
+  each is an allowed key [B,T,H,S*l']). Positions of -1 blocks and past t are clipped into
+  range (and marked not allowed), so the gather never reads out of bounds."""
+  b, t, h, _ = x.shape
+  s = block_indices.shape[-1]
+  offsets = jnp.arange(block_size, dtype=jnp.int32)
+  pos = (block_indices[..., None] * block_size + offsets).reshape(b, t, h, s * block_size)
+  query_pos = jnp.arange(t, dtype=jnp.int32)[None, :, None, None]
+  valid = jnp.repeat(block_indices >= 0, block_size, axis=-1) & (pos <= query_pos)
+  pos = jnp.clip(pos, 0, t - 1)
+  batch = jnp.arange(b)[:, None, None, None]
+  head = jnp.arange(h)[None, None, :, None]
+  return x[batch, pos, head], valid
+
+
+def selected_attention_gather(q, k, v, block_indices, block_size: int, scale=None,
+                              return_lse: bool = False):
+  """The gather path: same result as the oracle (up to rounding), memory O(T*S*l'*D)."""
+  b, t, hq, d = q.shape
+  h = k.shape[2]
+  scale = default_scale(d) if scale is None else scale
+  k_sel, valid = gather_selected(k.astype(jnp.float32), block_indices, block_size)
+  v_sel, _ = gather_selected(v.astype(jnp.float32), block_indices, block_size)
+  scores = jnp.einsum("bthgd,bthnd->bthgn", _split_heads(q, h), k_sel, precision=_HIGHEST)
+  p, lse = _masked_softmax(scores * scale, valid[:, :, :, None, :])
+  o = jnp.einsum("bthgn,bthne->bthge", p, v_sel, precision=_HIGHEST)
+  o = o.reshape(b, t, hq, v.shape[-1]).astype(q.dtype)
+  return (o, lse.reshape(b, t, hq)) if return_lse else o

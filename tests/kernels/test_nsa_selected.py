@@ -1,0 +1,218 @@
+"""pallas_kernels.nsa: NSA's selected-block attention. A per-query numpy loop, the dense-mask
+oracle and the gather path agree; the TPU (Mosaic) and GPU (Triton) kernels, run in Pallas'
+interpreter on CPU, equal them forward and in all three gradients; both kernels lower for real
+TPU and CUDA backends. The TPU interpreter costs about 1 ms per DMA, so its shapes are small."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pallas_kernels.nsa import (BlockSizes, block_query_lists, selected_attention,
+                                selected_attention_gather, selected_attention_reference)
+
+BACKENDS = ["tpu", "gpu"]
+# Small TPU steps so that a sequence spans several grid steps and the dk/dv lists several
+# SMEM chunks.
+TILING = BlockSizes(queries_per_step=16, list_chunk=8)
+
+
+def nsa_selection(rng, b, t, h, s, block_size, future=False):
+  """Top-n-like rows: distinct blocks <= t // block_size (or any block, even past the end,
+  with `future`), -1 in the unused slots, in random slot order. Some rows hold the query's
+  own block, some omit it, and the last query of (batch 0, head 0) selects nothing."""
+  idx = np.full((b, t, h, s), -1, np.int32)
+  num_blocks = -(-t // block_size)
+  for bi, ti, hi in np.ndindex(b, t, h):
+    pool = num_blocks + 2 if future else ti // block_size + 1
+    n = rng.integers(0, min(s, pool) + 1)
+    idx[bi, ti, hi, rng.permutation(s)[:n]] = rng.permutation(pool)[:n]
+  idx[0, t - 1, 0] = -1
+  return jnp.asarray(idx)
+
+
+def _assert_rows_with_and_without_own_block(idx, block_size):
+  idx = np.asarray(idx)
+  own = (idx == (np.arange(idx.shape[1]) // block_size)[None, :, None, None]).any(-1)
+  assert own.any() and (~own & (idx >= 0).any(-1)).any()
+
+
+def loop_oracle(q, k, v, idx, block_size, scale):
+  """Query by query in float64: the allowed keys are listed explicitly (an oracle that shares
+  no code with reference.py)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  idx = np.asarray(idx)
+  b, t, hq, _ = q.shape
+  g = hq // k.shape[2]
+  out = np.zeros((b, t, hq, v.shape[-1]))
+  for bi, ti, qh in np.ndindex(b, t, hq):
+    keys = sorted({p for j in idx[bi, ti, qh // g] if j >= 0
+                   for p in range(j * block_size, (j + 1) * block_size) if p <= ti})
+    if keys:
+      logits = k[bi, keys, qh // g] @ q[bi, ti, qh] * scale
+      w = np.exp(logits - logits.max())
+      out[bi, ti, qh] = w @ v[bi, keys, qh // g] / w.sum()
+  return out
+
+
+def _operands(seed, b, t, h, g, d, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), dtype) for n in (h * g, h, h))
+  # A bf16-exact cotangent, so a bf16 backward sees the oracle's numbers.
+  cot = jnp.asarray(rng.normal(size=(b, t, h * g, d)), jnp.bfloat16).astype(jnp.float32)
+  return rng, q, k, v, cot
+
+
+def _value_and_grads(fn, q, k, v, idx, cot):
+  @jax.jit
+  def run(q, k, v, idx, cot):
+    o, vjp = jax.vjp(lambda *qkv: fn(*qkv, idx), q, k, v)
+    return o, vjp(cot.astype(o.dtype))
+  return run(q, k, v, idx, cot)
+
+
+def _f32(x):
+  return np.asarray(x, np.float32)
+
+
+@settings(max_examples=8, deadline=None)
+@given(t=st.integers(1, 40), block_size=st.sampled_from([4, 8, 16]), s=st.integers(1, 6),
+       g=st.sampled_from([1, 2, 4]), future=st.booleans(), seed=st.integers(0, 2**16))
+def test_oracles_agree(t, block_size, s, g, future, seed):
+  """The dense-mask oracle and the gather path equal the per-query loop, including blocks
+  past the query or past the end (which add nothing); their autodiff gradients agree."""
+  rng, q, k, v, cot = _operands(seed, 1, t, 2, g, 8)
+  idx = nsa_selection(rng, 1, t, 2, s, block_size, future)
+  dense, gathered = (_value_and_grads(lambda *a, f=f: f(*a, block_size), q, k, v, idx, cot)
+                     for f in (selected_attention_reference, selected_attention_gather))
+  want = loop_oracle(q, k, v, idx, block_size, 8 ** -0.5)
+  np.testing.assert_allclose(_f32(dense[0]), want, atol=1e-5)
+  np.testing.assert_allclose(_f32(gathered[0]), want, atol=1e-5)
+  for got, ref in zip(gathered[1], dense[1]):
+    assert np.all(np.isfinite(_f32(got)))
+    np.testing.assert_allclose(_f32(got), _f32(ref), atol=1e-5)
+
+
+# (B, T, H, G, D, block_size, S, tiling): T not a multiple of block_size, S beyond the
+# available blocks (40 tokens hold 5 blocks of 8), G in {1, 4, 16}; the default tiling once
+# (on TPU one grid step of 64 queries, 27 of them padding).
+CONFIGS = [(1, 40, 2, 1, 16, 8, 8, TILING), (2, 45, 1, 4, 32, 16, 3, TILING),
+           (1, 37, 1, 16, 16, 8, 4, None)]
+
+
+@pytest.mark.parametrize("config", CONFIGS,
+                         ids=lambda c: "B{}T{}H{}G{}D{}l{}S{}".format(*c[:7]))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_matches_oracles_f32(backend, config):
+  b, t, h, g, d, block_size, s, tiling = config
+  rng, q, k, v, cot = _operands(sum(config[:7]), b, t, h, g, d)
+  idx = nsa_selection(rng, b, t, h, s, block_size)
+  _assert_rows_with_and_without_own_block(idx, block_size)
+
+  def kernel(q, k, v, idx):
+    return selected_attention(q, k, v, idx, block_size, tiling=tiling, interpret=True,
+                              backend=backend)
+  o, grads = _value_and_grads(kernel, q, k, v, idx, cot)
+  o_ref, grads_ref = _value_and_grads(
+      lambda *a: selected_attention_reference(*a, block_size), q, k, v, idx, cot)
+  np.testing.assert_allclose(_f32(o), loop_oracle(q, k, v, idx, block_size, d ** -0.5),
+                             atol=1e-5)
+  np.testing.assert_allclose(_f32(o), _f32(o_ref), atol=1e-5)
+  np.testing.assert_allclose(_f32(o), _f32(selected_attention_gather(q, k, v, idx, block_size)),
+                             atol=1e-5)
+  assert np.all(_f32(o)[0, t - 1, :g] == 0)  # the query that selected nothing
+  for got, want in zip(grads, grads_ref):
+    assert np.all(np.isfinite(_f32(got)))
+    np.testing.assert_allclose(_f32(got), _f32(want), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_bf16_close_to_f32_oracle(backend):
+  """bf16 operands: output and gradients within 5e-3 relative RMSE of the f32 oracle on the
+  same (bf16-valued) numbers. block_size 16: a whole bf16 sublane tile on TPU."""
+  b, t, h, g, d, block_size, s = 1, 48, 1, 4, 32, 16, 3
+  rng, q, k, v, cot = _operands(7, b, t, h, g, d, jnp.bfloat16)
+  idx = nsa_selection(rng, b, t, h, s, block_size)
+  got = _value_and_grads(
+      lambda *a: selected_attention(*a, block_size, tiling=TILING, interpret=True,
+                                    backend=backend), q, k, v, idx, cot)
+  want = _value_and_grads(lambda *a: selected_attention_reference(*a, block_size),
+                          *(x.astype(jnp.float32) for x in (q, k, v)), idx, cot)
+  assert got[0].dtype == jnp.bfloat16 and got[1][1].dtype == jnp.bfloat16
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    x, y = _f32(x), _f32(y)
+    assert np.sqrt(np.mean((x - y) ** 2) / np.mean(y ** 2)) < 5e-3
+
+
+@settings(max_examples=5, deadline=None)
+@given(t=st.integers(2, 40), block_size=st.sampled_from([8, 16]), s=st.integers(1, 6),
+       g=st.sampled_from([1, 2, 8]), future=st.booleans(), seed=st.integers(0, 2**16))
+def test_gpu_kernel_forward_over_drawn_shapes(t, block_size, s, g, future, seed):
+  """The Triton kernel (its interpreter is cheap) over drawn shapes, including selected
+  blocks past the query or past the end of the sequence."""
+  rng, q, k, v, _ = _operands(seed, 1, t, 2, g, 16)
+  idx = nsa_selection(rng, 1, t, 2, s, block_size, future)
+  o = selected_attention(q, k, v, idx, block_size, interpret=True, backend="gpu")
+  np.testing.assert_allclose(_f32(o), loop_oracle(q, k, v, idx, block_size, 0.25), atol=1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(t=st.integers(1, 60), block_size=st.sampled_from([4, 8, 16]), s=st.integers(1, 8),
+       future=st.booleans(), seed=st.integers(0, 2**16))
+def test_block_query_lists_invert_the_selection(t, block_size, s, future, seed):
+  """Block j's list holds, ascending, exactly the queries t whose row selects j with
+  j*block_size <= t; every other (query, slot) pair is left out."""
+  idx = np.asarray(nsa_selection(np.random.default_rng(seed), 2, t, 3, s, block_size, future))
+  num_blocks = -(-t // block_size)
+  queries, starts = map(np.asarray, block_query_lists(jnp.asarray(idx), block_size,
+                                                      num_blocks))
+  for b, h in np.ndindex(2, 3):
+    assert starts[b, h, 0] == 0 and np.all(np.diff(starts[b, h]) >= 0)
+    for j in range(num_blocks):
+      want = [ti for ti in range(t) if j in idx[b, ti, h] and j * block_size <= ti]
+      np.testing.assert_array_equal(queries[b, h, starts[b, h, j]:starts[b, h, j + 1]], want)
+
+
+@pytest.mark.parametrize("platform,backend", [("tpu", "tpu"), ("cuda", "gpu")])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_lower_for_hardware(platform, backend, dtype):
+  """Forward and backward (forward, dq and dk/dv kernels) lower to the backend's kernel call
+  at an NSA-like shape: 16 query heads per kv head, 16 blocks of 64 tokens."""
+  q = jax.ShapeDtypeStruct((1, 512, 16, 64), dtype)
+  kv = jax.ShapeDtypeStruct((1, 512, 1, 64), dtype)
+  idx = jax.ShapeDtypeStruct((1, 512, 1, 16), jnp.int32)
+
+  def loss(q, k, v, idx):
+    return jnp.sum(selected_attention(q, k, v, idx, 64, backend=backend).astype(jnp.float32))
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, idx).lower(
+      lowering_platforms=(platform,))
+  marker = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
+  assert lowered.as_text().count(marker) == 3, f"expected 3 kernel calls in {platform}"
+
+
+def test_bad_operands_name_the_problem():
+  _, q, k, v, _ = _operands(0, 1, 16, 2, 2, 8)
+  idx = jnp.zeros((1, 16, 2, 2), jnp.int32)
+
+  def call(*args, **kwargs):
+    return selected_attention(*args, interpret=True, **kwargs)
+  with pytest.raises(ValueError, match="not a multiple of"):
+    call(q[:, :, :3], k, v, idx, 8)
+  with pytest.raises(ValueError, match="block_indices .* must be"):
+    call(q, k, v, idx[:, :, :1], 8)
+  with pytest.raises(ValueError, match="must be integers"):
+    call(q, k, v, idx.astype(jnp.float32), 8)
+  with pytest.raises(ValueError, match="cast them to one dtype"):
+    call(q, k.astype(jnp.bfloat16), v, idx, 8)
+  with pytest.raises(ValueError, match="use a multiple of 16"):
+    call(*(x.astype(jnp.bfloat16) for x in (q, k, v)), idx, 8, backend="tpu")
+  with pytest.raises(ValueError, match="backend="):
+    call(q, k, v, idx, 8, backend="cpu")
+  with pytest.raises(ValueError, match="scale must be a Python number"):
+    call(q, k, v, idx, 8, jnp.float32(0.5))
+  with pytest.raises(ValueError, match="power of two"):
+    BlockSizes(queries_per_step=24)
+  if jax.default_backend() == "cpu":
+    with pytest.raises(ValueError, match="pass interpret=True"):
+      selected_attention(q, k, v, idx, 8)
