@@ -82,19 +82,19 @@ class NSAttention(nnx.Module):
     v = jnp.einsum("BTD,CDKH->CBTKH", x, self.wv[...].astype(dt))
     k = jnp.stack([apply_rope(k[c], cos, sin) for c in range(len(BRANCHES))]).astype(dt)
     scale = cfg.head_dim ** -0.5
-    o_cmp, probs = self._compression(q, k[0], v[0], scale)
-    scores = nsa_ops.selection_scores(jax.lax.stop_gradient(probs), cfg.num_kv_heads,
-                                      cfg.compress_block, cfg.compress_stride, cfg.select_block)
-    indices = nsa_ops.select_blocks(scores, cfg.num_selected, cfg.select_block)
+    k_cmp, v_cmp = self._compress(k[0], v[0])
     if resolve_select_impl(select_impl or cfg.select_impl) == "pallas":
-      o_slc = nsa_kernels.selected_attention(q, k[1], v[1], indices, cfg.select_block, scale,
-                                             interpret=jax.default_backend() == "cpu")
+      def select(q, k, v, indices, offset):
+        del offset  # one chunk: the whole sequence
+        return nsa_kernels.selected_attention(q, k, v, indices, cfg.select_block, scale,
+                                              interpret=jax.default_backend() == "cpu")
     else:
-      o_slc = selected_attention_gather(q, k[1], v[1], indices, cfg.select_block, scale)
-    o_win = nsa_ops.sliding_window_attention(q, k[2], v[2], cfg.window, scale)
+      def select(q, k, v, indices, offset):
+        return selected_attention_gather(q, k, v, indices, cfg.select_block, scale,
+                                         query_offset=offset)
+    outs, indices = nsa_ops.branch_outputs(q, k[1:], v[1:], k_cmp, v_cmp, cfg, scale, select)
     gates = jax.nn.sigmoid(jnp.einsum("BTD,DNC->BTNC", x, self.gate[...].astype(dt))
                            .astype(jnp.float32))
-    outs = jnp.stack([o.astype(jnp.float32) for o in (o_cmp, o_slc, o_win)])
     return outs, gates, indices
 
   def __call__(self, x, cos, sin, select_impl: str | None = None) -> jax.Array:
@@ -102,12 +102,8 @@ class NSAttention(nnx.Module):
     mixed = jnp.einsum("CBTNH,BTNC->BTNH", outs, gates).astype(self.dtype)
     return jnp.einsum("BTNH,NHD->BTD", mixed, self.wo[...].astype(self.dtype))
 
-  def _compression(self, q, k, v, scale):
-    cfg = self.nsa
-    length, stride = cfg.compress_block, cfg.compress_stride
-    b, t, n = q.shape[:3]
-    if nsa_ops.num_compressed_blocks(t, length, stride) == 0:  # shorter than one block
-      return jnp.zeros((b, t, n, cfg.v_head_dim), jnp.float32), jnp.zeros((b, t, n, 0))
-    k_cmp = self.compress_k(nsa_ops.block_windows(k, length, stride))
-    v_cmp = self.compress_v(nsa_ops.block_windows(v, length, stride))
-    return nsa_ops.compression_attention(q, k_cmp, v_cmp, length, stride, scale)
+  def _compress(self, k, v):
+    """Compressed keys/values [B,C,KV,*] (C = 0 when T is shorter than one block)."""
+    length, stride = self.nsa.compress_block, self.nsa.compress_stride
+    return (self.compress_k(nsa_ops.block_windows(k, length, stride)),
+            self.compress_v(nsa_ops.block_windows(v, length, stride)))

@@ -50,14 +50,19 @@ def grouped_attention(q, k, v, allowed, scale: float) -> tuple[jax.Array, jax.Ar
   return o.reshape(*lead, t, n, v.shape[-1]), probs
 
 
-def compression_visible(t: int, c: int, length: int, stride: int) -> np.ndarray:
-  """bool [T,C]: compressed block i is visible to query t when its last token i*d + l - 1 <= t."""
-  return (np.arange(c)[None, :] * stride + length - 1) <= np.arange(t)[:, None]
+def compression_visible(t: int, c: int, length: int, stride: int,
+                        query_offset: int = 0) -> np.ndarray:
+  """bool [T,C]: compressed block i is visible to the query at position query_offset + t when
+  its last token i*d + l - 1 <= that position."""
+  positions = query_offset + np.arange(t)[:, None]
+  return (np.arange(c)[None, :] * stride + length - 1) <= positions
 
 
-def compression_attention(q, k_cmp, v_cmp, length: int, stride: int, scale: float):
-  """q [B,T,N,H], compressed keys/values [B,C,KV,*] -> (o [B,T,N,Hv], probs [B,T,N,C])."""
-  allowed = compression_visible(q.shape[1], k_cmp.shape[1], length, stride)
+def compression_attention(q, k_cmp, v_cmp, length: int, stride: int, scale: float,
+                          query_offset: int = 0):
+  """q [B,T,N,H] (positions query_offset..), compressed keys/values [B,C,KV,*] ->
+  (o [B,T,N,Hv], probs [B,T,N,C])."""
+  allowed = compression_visible(q.shape[1], k_cmp.shape[1], length, stride, query_offset)
   return grouped_attention(q, k_cmp, v_cmp, jnp.asarray(allowed), scale)
 
 
@@ -69,23 +74,25 @@ def overlap_matrix(c: int, length: int, stride: int, block: int, num_blocks: int
   return ((starts < (j + 1) * block) & (starts + length > j * block)).astype(np.float32)
 
 
-def selection_scores(probs, kv_heads: int, length: int, stride: int, block: int) -> jax.Array:
-  """Compression probabilities [B,T,N,C] -> selection-block importance [B,T,KV,ceil(T/l')],
-  summed over the query heads of each GQA group (Eq. 10)."""
+def selection_scores(probs, kv_heads: int, length: int, stride: int, block: int,
+                     num_blocks: int | None = None) -> jax.Array:
+  """Compression probabilities [B,T,N,C] -> selection-block importance [B,T,KV,num_blocks]
+  (default ceil(T/l')), summed over the query heads of each GQA group (Eq. 10)."""
   b, t, n, c = probs.shape
-  num_blocks = -(-t // block)
+  num_blocks = -(-t // block) if num_blocks is None else num_blocks
   overlap = jnp.asarray(overlap_matrix(c, length, stride, block, num_blocks))
   grouped = probs.reshape(b, t, kv_heads, n // kv_heads, c).sum(axis=3)
   return jnp.einsum("BTKC,CS->BTKS", grouped, overlap, precision=_HIGHEST)
 
 
 def select_blocks(scores, top_n: int, block: int, num_initial: int = 1,
-                  num_local: int = 2) -> jax.Array:
-  """Importance [B,T,KV,S_all] -> int32 block indices [B,T,KV,top_n], -1 where fewer blocks
-  exist. Only blocks j <= t // l' are candidates; the first `num_initial` blocks and the
-  `num_local` blocks ending at the query's own block are always chosen."""
+                  num_local: int = 2, query_offset: int = 0) -> jax.Array:
+  """Importance [B,T,KV,S_all] of the queries at positions query_offset.. -> int32 block
+  indices [B,T,KV,top_n], -1 where fewer blocks exist. Only blocks j <= t // l' are
+  candidates; the first `num_initial` blocks and the `num_local` blocks ending at the query's
+  own block are always chosen."""
   t, num_blocks = scores.shape[1], scores.shape[-1]
-  own = (np.arange(t) // block)[:, None, None]
+  own = ((query_offset + np.arange(t)) // block)[:, None, None]
   j = np.arange(num_blocks)[None, None, :]
   causal = j <= own
   forced = causal & ((j < num_initial) | (j > own - num_local))
@@ -120,3 +127,51 @@ def sliding_window_attention(q, k, v, window: int, scale: float) -> jax.Array:
   allowed = (distance >= 0) & (distance < window) & (key_pos >= 0)
   o, _ = grouped_attention(qc, keys, values, jnp.asarray(allowed)[None], scale)
   return o.reshape(b, chunks * w, n, -1)[:, :t]
+
+
+def window_attention(q, k, v, query_offset: int, key_offset: int, window: int, scale: float):
+  """Sliding-window attention of the queries at positions query_offset.. over the keys at
+  positions key_offset.. (a slice holding every key their windows reach), by a dense mask."""
+  query_pos = query_offset + np.arange(q.shape[1])[:, None]
+  distance = query_pos - (key_offset + np.arange(k.shape[1])[None, :])
+  allowed = jnp.asarray((distance >= 0) & (distance < window))
+  return grouped_attention(q, k, v, allowed, scale)[0]
+
+
+def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
+                   query_chunk: int | None = None):
+  """The three NSA branches for queries q [B,T,N,H].
+
+  keys / values: the selection and window branches' [2,B,T,KV,*]; k_cmp / v_cmp: the
+  compressed keys/values [B,C,KV,*]; nsa: an NSAConfig; select(q, k, v, indices, offset):
+  selected attention of the queries at positions offset.. . With `query_chunk`, queries are
+  processed in chunks of that many, each reading only the keys it can see (bounded memory for
+  long sequences). -> (outputs [3,B,T,N,Hv] float32, block indices int32[B,T,KV,n]).
+  """
+  t = q.shape[1]
+  chunk = query_chunk or t
+  length, stride, block = nsa.compress_block, nsa.compress_stride, nsa.select_block
+  outs, all_indices = [], []
+  for offset in range(0, t, chunk):
+    qc = q[:, offset:offset + chunk]
+    end = offset + qc.shape[1]
+    visible = min(num_compressed_blocks(end, length, stride), k_cmp.shape[1])
+    if visible:
+      o_cmp, probs = compression_attention(qc, k_cmp[:, :visible], v_cmp[:, :visible], length,
+                                           stride, scale, offset)
+    else:  # no compressed block is complete yet
+      o_cmp = jnp.zeros(qc.shape[:3] + (v_cmp.shape[-1],), jnp.float32)
+      probs = jnp.zeros(qc.shape[:3] + (0,), jnp.float32)
+    scores = selection_scores(jax.lax.stop_gradient(probs), nsa.num_kv_heads, length, stride,
+                              block, num_blocks=-(-end // block))
+    indices = select_blocks(scores, nsa.num_selected, block, query_offset=offset)
+    o_slc = select(qc, keys[0][:, :end], values[0][:, :end], indices, offset)
+    if chunk == t:
+      o_win = sliding_window_attention(qc, keys[1], values[1], nsa.window, scale)
+    else:
+      start = max(0, offset - nsa.window + 1)
+      o_win = window_attention(qc, keys[1][:, start:end], values[1][:, start:end], offset,
+                               start, nsa.window, scale)
+    outs.append(jnp.stack([o.astype(jnp.float32) for o in (o_cmp, o_slc, o_win)]))
+    all_indices.append(indices)
+  return jnp.concatenate(outs, axis=2), jnp.concatenate(all_indices, axis=1)

@@ -73,16 +73,18 @@ def selected_attention_reference(q, k, v, block_indices, block_size: int, scale=
   return (o, lse.reshape(b, t, hq)) if return_lse else o
 
 
-def gather_selected(x: jax.Array, block_indices: jax.Array, block_size: int):
-  """x [B,T,H,E], block_indices [B,T,H,S] -> (the selected tokens [B,T,H,S*l',E], whether
-  each is an allowed key [B,T,H,S*l']). Positions of -1 blocks and past t are clipped into
-  range (and marked not allowed), so the gather never reads out of bounds."""
+def gather_selected(x: jax.Array, block_indices: jax.Array, block_size: int,
+                    query_offset: int = 0):
+  """x [B,T,H,E], block_indices [B,Tq,H,S] of the queries at positions query_offset ..
+  query_offset+Tq-1 -> (the selected tokens [B,Tq,H,S*l',E], whether each is an allowed key
+  [B,Tq,H,S*l']). Positions of -1 blocks and past the query are clipped into range (and
+  marked not allowed), so the gather never reads out of bounds."""
   b, t, h, _ = x.shape
-  s = block_indices.shape[-1]
+  tq, s = block_indices.shape[1], block_indices.shape[-1]
   offsets = jnp.arange(block_size, dtype=jnp.int32)
-  pos = (block_indices[..., None] * block_size + offsets).reshape(b, t, h, s * block_size)
-  query_pos = jnp.arange(t, dtype=jnp.int32)[None, :, None, None]
-  valid = jnp.repeat(block_indices >= 0, block_size, axis=-1) & (pos <= query_pos)
+  pos = (block_indices[..., None] * block_size + offsets).reshape(b, tq, h, s * block_size)
+  query_pos = query_offset + jnp.arange(tq, dtype=jnp.int32)[None, :, None, None]
+  valid = jnp.repeat(block_indices >= 0, block_size, axis=-1) & (pos <= query_pos) & (pos < t)
   pos = jnp.clip(pos, 0, t - 1)
   batch = jnp.arange(b)[:, None, None, None]
   head = jnp.arange(h)[None, None, :, None]
@@ -90,13 +92,16 @@ def gather_selected(x: jax.Array, block_indices: jax.Array, block_size: int):
 
 
 def selected_attention_gather(q, k, v, block_indices, block_size: int, scale=None,
-                              return_lse: bool = False):
-  """The gather path: same result as the oracle (up to rounding), memory O(T*S*l'*D)."""
+                              return_lse: bool = False, query_offset: int = 0):
+  """The gather path: same result as the oracle (up to rounding), memory O(T*S*l'*D).
+  q and block_indices may cover only the queries query_offset .. query_offset+Tq-1 (k and v
+  all keys), so long sequences can be processed in query chunks."""
   b, t, hq, d = q.shape
   h = k.shape[2]
   scale = default_scale(d) if scale is None else scale
-  k_sel, valid = gather_selected(k.astype(jnp.float32), block_indices, block_size)
-  v_sel, _ = gather_selected(v.astype(jnp.float32), block_indices, block_size)
+  k_sel, valid = gather_selected(k.astype(jnp.float32), block_indices, block_size,
+                                 query_offset)
+  v_sel, _ = gather_selected(v.astype(jnp.float32), block_indices, block_size, query_offset)
   scores = jnp.einsum("bthgd,bthnd->bthgn", _split_heads(q, h), k_sel, precision=_HIGHEST)
   p, lse = _masked_softmax(scores * scale, valid[:, :, :, None, :])
   o = jnp.einsum("bthgn,bthne->bthge", p, v_sel, precision=_HIGHEST)

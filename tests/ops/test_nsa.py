@@ -129,3 +129,26 @@ def test_branches_are_causal(t_cut):
     v_cmp = nsa.block_windows(v, 8, 4).mean(axis=3)
     return nsa.compression_attention(q, k_cmp, v_cmp, 8, 4, 0.3)[0]
   _future_changes_nothing(compression, t_cut, q, k, v)
+
+
+@pytest.mark.parametrize("chunk", [16, 24])
+def test_branches_in_query_chunks_equal_whole_sequence(chunk):
+  """branch_outputs over query chunks (each reading only the keys it can see, as long
+  sequences are processed) equals one pass over the whole sequence."""
+  from dsjax.config import NSAConfig
+  cfg = NSAConfig(num_kv_heads=2, head_dim=16, v_head_dim=12, compress_block=8,
+                  compress_stride=4, select_block=8, num_selected=3, window=10)
+  q, k, v = _qkv(10, 2, 70, 2, 3)
+  rng = np.random.default_rng(11)
+  keys = jnp.asarray(np.stack([k, rng.normal(size=k.shape).astype(np.float32)]))
+  values = jnp.asarray(np.stack([v, rng.normal(size=v.shape).astype(np.float32)]))
+  k_cmp = nsa.block_windows(k, 8, 4).mean(axis=3)
+  v_cmp = nsa.block_windows(v, 8, 4).mean(axis=3)
+
+  def select(q, k, v, indices, offset):
+    return selected_attention_gather(q, k, v, indices, 8, 0.25, query_offset=offset)
+  whole, whole_idx = nsa.branch_outputs(q, keys, values, k_cmp, v_cmp, cfg, 0.25, select)
+  parts, parts_idx = nsa.branch_outputs(q, keys, values, k_cmp, v_cmp, cfg, 0.25, select,
+                                        query_chunk=chunk)
+  np.testing.assert_array_equal(whole_idx, parts_idx)
+  np.testing.assert_allclose(whole, parts, atol=1e-5)
