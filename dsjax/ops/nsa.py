@@ -11,6 +11,8 @@ kv head n // G. Three branches, all causal:
 A query with no visible key in a branch gets 0 from it (as fla-core's references).
 """
 
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -138,6 +140,31 @@ def window_attention(q, k, v, query_offset: int, key_offset: int, window: int, s
   return grouped_attention(q, k, v, allowed, scale)[0]
 
 
+def _chunk_branches(qc, keys, values, k_cmp, v_cmp, *, offset: int, whole: bool, nsa,
+                    scale: float, select):
+  """branch_outputs for the queries at positions offset .. offset+len(qc)-1."""
+  length, stride, block = nsa.compress_block, nsa.compress_stride, nsa.select_block
+  end = offset + qc.shape[1]
+  visible = min(num_compressed_blocks(end, length, stride), k_cmp.shape[1])
+  if visible:
+    o_cmp, probs = compression_attention(qc, k_cmp[:, :visible], v_cmp[:, :visible], length,
+                                         stride, scale, offset)
+  else:  # no compressed block is complete yet
+    o_cmp = jnp.zeros(qc.shape[:3] + (v_cmp.shape[-1],), jnp.float32)
+    probs = jnp.zeros(qc.shape[:3] + (0,), jnp.float32)
+  scores = selection_scores(jax.lax.stop_gradient(probs), nsa.num_kv_heads, length, stride,
+                            block, num_blocks=-(-end // block))
+  indices = select_blocks(scores, nsa.num_selected, block, query_offset=offset)
+  o_slc = select(qc, keys[0][:, :end], values[0][:, :end], indices, offset)
+  if whole:
+    o_win = sliding_window_attention(qc, keys[1], values[1], nsa.window, scale)
+  else:
+    start = max(0, offset - nsa.window + 1)
+    o_win = window_attention(qc, keys[1][:, start:end], values[1][:, start:end], offset,
+                             start, nsa.window, scale)
+  return jnp.stack([o.astype(jnp.float32) for o in (o_cmp, o_slc, o_win)]), indices
+
+
 def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
                    query_chunk: int | None = None):
   """The three NSA branches for queries q [B,T,N,H].
@@ -145,33 +172,19 @@ def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
   keys / values: the selection and window branches' [2,B,T,KV,*]; k_cmp / v_cmp: the
   compressed keys/values [B,C,KV,*]; nsa: an NSAConfig; select(q, k, v, indices, offset):
   selected attention of the queries at positions offset.. . With `query_chunk`, queries are
-  processed in chunks of that many, each reading only the keys it can see (bounded memory for
-  long sequences). -> (outputs [3,B,T,N,Hv] float32, block indices int32[B,T,KV,n]).
+  processed in chunks of that many, each reading only the keys it can see and recomputed in
+  the backward pass (jax.checkpoint), so memory stays bounded for long sequences.
+  -> (outputs [3,B,T,N,Hv] float32, block indices int32[B,T,KV,n]).
   """
   t = q.shape[1]
-  chunk = query_chunk or t
-  length, stride, block = nsa.compress_block, nsa.compress_stride, nsa.select_block
+  if not query_chunk or query_chunk >= t:
+    return _chunk_branches(q, keys, values, k_cmp, v_cmp, offset=0, whole=True, nsa=nsa,
+                           scale=scale, select=select)
   outs, all_indices = [], []
-  for offset in range(0, t, chunk):
-    qc = q[:, offset:offset + chunk]
-    end = offset + qc.shape[1]
-    visible = min(num_compressed_blocks(end, length, stride), k_cmp.shape[1])
-    if visible:
-      o_cmp, probs = compression_attention(qc, k_cmp[:, :visible], v_cmp[:, :visible], length,
-                                           stride, scale, offset)
-    else:  # no compressed block is complete yet
-      o_cmp = jnp.zeros(qc.shape[:3] + (v_cmp.shape[-1],), jnp.float32)
-      probs = jnp.zeros(qc.shape[:3] + (0,), jnp.float32)
-    scores = selection_scores(jax.lax.stop_gradient(probs), nsa.num_kv_heads, length, stride,
-                              block, num_blocks=-(-end // block))
-    indices = select_blocks(scores, nsa.num_selected, block, query_offset=offset)
-    o_slc = select(qc, keys[0][:, :end], values[0][:, :end], indices, offset)
-    if chunk == t:
-      o_win = sliding_window_attention(qc, keys[1], values[1], nsa.window, scale)
-    else:
-      start = max(0, offset - nsa.window + 1)
-      o_win = window_attention(qc, keys[1][:, start:end], values[1][:, start:end], offset,
-                               start, nsa.window, scale)
-    outs.append(jnp.stack([o.astype(jnp.float32) for o in (o_cmp, o_slc, o_win)]))
+  for offset in range(0, t, query_chunk):
+    chunk = jax.checkpoint(functools.partial(_chunk_branches, offset=offset, whole=False,
+                                             nsa=nsa, scale=scale, select=select))
+    o, indices = chunk(q[:, offset:offset + query_chunk], keys, values, k_cmp, v_cmp)
+    outs.append(o)
     all_indices.append(indices)
   return jnp.concatenate(outs, axis=2), jnp.concatenate(all_indices, axis=1)

@@ -1,0 +1,121 @@
+"""NSA vs full causal attention: forward and forward+backward time over sequence length, side
+by side in one run, next to the theoretical FLOP ratio. Nothing here is asserted.
+
+  python benchmarks/nsa.py [--lengths 4096,8192,16384,32768 --heads 16 --kv_heads 1]
+
+Both sides are the attention core only (queries, keys and values given; no projections):
+  full: causal softmax attention, queries in chunks that each read the keys up to their end
+        (the work of a causal flash kernel), every chunk recomputed in the backward pass;
+  NSA:  dsjax.ops.nsa.branch_outputs with the paper's block sizes (l=32, d=16, l'=64, n=16,
+        w=512): compression over mean-pooled blocks, top-n selection by the gather path,
+        sliding window, in query chunks that are recomputed in the backward pass.
+On CPU both are XLA. On a GPU/TPU the selection uses the Pallas kernel (--select pallas).
+"""
+
+import argparse
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.config import NSAConfig
+from dsjax.ops import nsa as nsa_ops
+from pallas_kernels.nsa import selected_attention
+from pallas_kernels.nsa.reference import selected_attention_gather
+
+
+def full_attention(q, k, v, chunk: int, scale: float):
+  """Causal attention, queries in chunks reading only the keys at or before their end."""
+  t = q.shape[1]
+  outs = []
+  for offset in range(0, t, chunk):
+    end = min(offset + chunk, t)
+    allowed = jnp.asarray(np.arange(end)[None, :] <= (offset + np.arange(end - offset))[:, None])
+
+    def part(qc, kc, vc, allowed=allowed):
+      return nsa_ops.grouped_attention(qc, kc, vc, allowed, scale)[0]
+    outs.append(jax.checkpoint(part)(q[:, offset:end], k[:, :end], v[:, :end]))
+  return jnp.concatenate(outs, axis=1)
+
+
+def nsa_attention(q, k, v, cfg: NSAConfig, chunk: int, scale: float, select_impl: str):
+  """The three branches (sharing k, v here) mixed with equal gates."""
+  k_cmp = nsa_ops.block_windows(k, cfg.compress_block, cfg.compress_stride).mean(axis=3)
+  v_cmp = nsa_ops.block_windows(v, cfg.compress_block, cfg.compress_stride).mean(axis=3)
+
+  def select(qc, kc, vc, indices, offset):
+    if select_impl == "pallas":
+      return selected_attention(qc, kc, vc, indices, cfg.select_block, scale)
+    return selected_attention_gather(qc, kc, vc, indices, cfg.select_block, scale,
+                                     query_offset=offset)
+  outs, _ = nsa_ops.branch_outputs(q, jnp.stack([k, k]), jnp.stack([v, v]), k_cmp, v_cmp, cfg,
+                                   scale, select,
+                                   query_chunk=None if select_impl == "pallas" else chunk)
+  return outs.sum(axis=0) / 3
+
+
+def flop_ratio(t: int, cfg: NSAConfig) -> float:
+  """Keys attended per query, summed over queries: full causal t(t+1)/2 vs NSA's visible
+  compressed blocks + selected tokens + window tokens (each capped by the causal prefix)."""
+  pos = np.arange(t)
+  full = (pos + 1).sum()
+  compressed = np.maximum(0, (pos + 1 - cfg.compress_block) // cfg.compress_stride + 1)
+  selected = np.minimum(pos + 1, cfg.num_selected * cfg.select_block)
+  window = np.minimum(pos + 1, cfg.window)
+  return float(full / (compressed + selected + window).sum())
+
+
+def seconds(fn, args, repeats: int) -> float:
+  compiled = jax.jit(fn).lower(*args).compile()
+  jax.block_until_ready(compiled(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--lengths", default="4096,8192,16384,32768")
+  parser.add_argument("--heads", type=int, default=16)
+  parser.add_argument("--kv_heads", type=int, default=1)
+  parser.add_argument("--head_dim", type=int, default=64)
+  parser.add_argument("--chunk", type=int, default=1024, help="query chunk of both paths")
+  parser.add_argument("--repeats", type=int, default=1)
+  parser.add_argument("--select", default="auto", choices=["auto", "gather", "pallas"])
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  select_impl = (("gather" if device.platform == "cpu" else "pallas") if args.select == "auto"
+                 else args.select)
+  cfg = NSAConfig(num_kv_heads=args.kv_heads, head_dim=args.head_dim, v_head_dim=args.head_dim)
+  scale = args.head_dim ** -0.5
+  print(f"machine: {device.device_kind} ({device.platform}), host "
+        f"{platform.processor() or platform.machine()}; jax {jax.__version__}; float32, B=1, "
+        f"heads {args.heads} on {args.kv_heads} KV, head dim {args.head_dim}; NSA l=32 d=16 "
+        f"l'=64 n=16 w=512, selection by {select_impl}")
+  print(f"{'T':>6} {'FLOP ratio':>10} | {'full fwd':>9} {'NSA fwd':>8} {'speedup':>7} | "
+        f"{'full f+b':>9} {'NSA f+b':>8} {'speedup':>7}")
+  for t in (int(x) for x in args.lengths.split(",")):
+    key = jax.random.split(jax.random.key(t), 3)
+    q = jax.random.normal(key[0], (1, t, args.heads, args.head_dim), jnp.float32)
+    k = jax.random.normal(key[1], (1, t, args.kv_heads, args.head_dim), jnp.float32)
+    v = jax.random.normal(key[2], (1, t, args.kv_heads, args.head_dim), jnp.float32)
+    paths = {"full": lambda q, k, v: full_attention(q, k, v, args.chunk, scale),
+             "nsa": lambda q, k, v: nsa_attention(q, k, v, cfg, args.chunk, scale, select_impl)}
+    times = {}
+    for name, fn in paths.items():
+      times[name, "fwd"] = seconds(fn, (q, k, v), args.repeats)
+      grad = jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2))
+      times[name, "f+b"] = seconds(grad, (q, k, v), args.repeats)
+    print(f"{t:>6} {flop_ratio(t, cfg):>9.2f}x | {times['full', 'fwd']:>8.2f}s "
+          f"{times['nsa', 'fwd']:>7.2f}s {times['full', 'fwd'] / times['nsa', 'fwd']:>6.2f}x | "
+          f"{times['full', 'f+b']:>8.2f}s {times['nsa', 'f+b']:>7.2f}s "
+          f"{times['full', 'f+b'] / times['nsa', 'f+b']:>6.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+  main()
