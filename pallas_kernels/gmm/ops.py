@@ -12,11 +12,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import backend as backend_rule
 from pallas_kernels.gmm import gpu, tpu
 from pallas_kernels.gmm.metadata import local_row_bounds, make_group_metadata
 from pallas_kernels.gmm.tiling import BlockSizes
-
-BACKENDS = ("tpu", "gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,21 +28,8 @@ class _Options:
 
 
 def resolve_backend(backend: str | None, interpret: bool) -> str:
-  """'tpu' or 'gpu'. On CPU only interpret mode can run a kernel; it defaults to the TPU
-  kernel, whose interpreter also checks every block index is in bounds."""
-  if backend is not None:
-    if backend not in BACKENDS:
-      raise ValueError(f"backend={backend!r}; use one of {BACKENDS} (or None for this machine's).")
-    return backend
-  platform = jax.default_backend()
-  if platform == "tpu":
-    return "tpu"
-  if platform in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  if interpret:
-    return "tpu"
-  raise ValueError(f"gmm has kernels for TPU and GPU, not {platform!r}: pass interpret=True "
-                   "(slow; for tests) or use jax.lax.ragged_dot.")
+  """'tpu' or 'gpu' for gmm (see pallas_kernels.backend.resolve_backend)."""
+  return backend_rule.resolve_backend(backend, interpret, "gmm", "jax.lax.ragged_dot")
 
 
 def _check_operands(lhs, rhs, group_sizes, contract_lhs: int, contract_rhs: int, name: str):

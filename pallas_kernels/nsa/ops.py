@@ -13,12 +13,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import backend as backend_rule
 from pallas_kernels.nsa import gpu, tpu, tpu_common
 from pallas_kernels.nsa.metadata import block_query_lists
 from pallas_kernels.nsa.reference import default_scale
 from pallas_kernels.nsa.tiling import BlockSizes
-
-BACKENDS = ("tpu", "gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,22 +30,9 @@ class _Options:
 
 
 def resolve_backend(backend: str | None, interpret: bool) -> str:
-  """'tpu' or 'gpu'. On CPU only interpret mode can run a kernel; it defaults to the TPU
-  kernel, whose interpreter also checks every DMA and SMEM read is in bounds."""
-  if backend is not None:
-    if backend not in BACKENDS:
-      raise ValueError(f"backend={backend!r}; use one of {BACKENDS} (or None for this "
-                       "machine's).")
-    return backend
-  platform = jax.default_backend()
-  if platform == "tpu":
-    return "tpu"
-  if platform in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  if interpret:
-    return "tpu"
-  raise ValueError(f"selected_attention has kernels for TPU and GPU, not {platform!r}: pass "
-                   "interpret=True (slow; for tests) or use selected_attention_gather.")
+  """'tpu' or 'gpu' for selected_attention (see pallas_kernels.backend.resolve_backend)."""
+  return backend_rule.resolve_backend(backend, interpret, "selected_attention",
+                                      "selected_attention_gather")
 
 
 def _check_operands(q, k, v, block_indices, block_size):
