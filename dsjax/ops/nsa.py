@@ -11,8 +11,6 @@ kv head n // G. Three branches, all causal:
 A query with no visible key in a branch gets 0 from it (as fla-core's references).
 """
 
-import functools
-
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -52,20 +50,25 @@ def grouped_attention(q, k, v, allowed, scale: float) -> tuple[jax.Array, jax.Ar
   return o.reshape(*lead, t, n, v.shape[-1]), probs
 
 
-def compression_visible(t: int, c: int, length: int, stride: int,
-                        query_offset: int = 0) -> np.ndarray:
-  """bool [T,C]: compressed block i is visible to the query at position query_offset + t when
-  its last token i*d + l - 1 <= that position."""
-  positions = query_offset + np.arange(t)[:, None]
-  return (np.arange(c)[None, :] * stride + length - 1) <= positions
+def query_positions(t: int, query_offset=0) -> jax.Array:
+  """int32 [T]: the positions query_offset .. query_offset+T-1 (the offset may be traced)."""
+  return query_offset + jnp.arange(t, dtype=jnp.int32)
+
+
+def compression_visible(positions, c: int, length: int, stride: int) -> jax.Array:
+  """Queries at positions int[...,T] -> bool [...,T,C]: compressed block i is visible to a
+  query when its last token i*d + l - 1 is at or before the query's position."""
+  last = jnp.arange(c, dtype=jnp.int32) * stride + length - 1
+  return last <= jnp.asarray(positions)[..., None]
 
 
 def compression_attention(q, k_cmp, v_cmp, length: int, stride: int, scale: float,
-                          query_offset: int = 0):
-  """q [B,T,N,H] (positions query_offset..), compressed keys/values [B,C,KV,*] ->
-  (o [B,T,N,Hv], probs [B,T,N,C])."""
-  allowed = compression_visible(q.shape[1], k_cmp.shape[1], length, stride, query_offset)
-  return grouped_attention(q, k_cmp, v_cmp, jnp.asarray(allowed), scale)
+                          positions=None):
+  """q [B,T,N,H] at positions int[T] or [B,T] (default 0..T-1), compressed keys/values
+  [B,C,KV,*] -> (o [B,T,N,Hv], probs [B,T,N,C])."""
+  positions = query_positions(q.shape[1]) if positions is None else positions
+  allowed = compression_visible(positions, k_cmp.shape[1], length, stride)
+  return grouped_attention(q, k_cmp, v_cmp, allowed, scale)
 
 
 def overlap_matrix(c: int, length: int, stride: int, block: int, num_blocks: int) -> np.ndarray:
@@ -88,14 +91,15 @@ def selection_scores(probs, kv_heads: int, length: int, stride: int, block: int,
 
 
 def select_blocks(scores, top_n: int, block: int, num_initial: int = 1,
-                  num_local: int = 2, query_offset: int = 0) -> jax.Array:
-  """Importance [B,T,KV,S_all] of the queries at positions query_offset.. -> int32 block
-  indices [B,T,KV,top_n], -1 where fewer blocks exist. Only blocks j <= t // l' are
-  candidates; the first `num_initial` blocks and the `num_local` blocks ending at the query's
-  own block are always chosen."""
+                  num_local: int = 2, positions=None) -> jax.Array:
+  """Importance [B,T,KV,S_all] of the queries at positions int[T] or [B,T] (default 0..T-1;
+  may be traced) -> int32 block indices [B,T,KV,top_n], -1 where fewer blocks exist. Only
+  blocks j <= position // l' are candidates; the first `num_initial` blocks and the
+  `num_local` blocks ending at the query's own block are always chosen."""
   t, num_blocks = scores.shape[1], scores.shape[-1]
-  own = ((query_offset + np.arange(t)) // block)[:, None, None]
-  j = np.arange(num_blocks)[None, None, :]
+  positions = query_positions(t) if positions is None else jnp.asarray(positions)
+  own = (positions // block)[..., None, None]
+  j = jnp.arange(num_blocks, dtype=jnp.int32)
   causal = j <= own
   forced = causal & ((j < num_initial) | (j > own - num_local))
   ranked = jnp.where(forced, jnp.inf, jnp.where(causal, scores, -jnp.inf))
@@ -131,38 +135,32 @@ def sliding_window_attention(q, k, v, window: int, scale: float) -> jax.Array:
   return o.reshape(b, chunks * w, n, -1)[:, :t]
 
 
-def window_attention(q, k, v, query_offset: int, key_offset: int, window: int, scale: float):
-  """Sliding-window attention of the queries at positions query_offset.. over the keys at
-  positions key_offset.. (a slice holding every key their windows reach), by a dense mask."""
-  query_pos = query_offset + np.arange(q.shape[1])[:, None]
-  distance = query_pos - (key_offset + np.arange(k.shape[1])[None, :])
-  allowed = jnp.asarray((distance >= 0) & (distance < window))
+def window_attention(q, k, v, q_positions, k_positions, window: int, scale: float):
+  """Sliding-window attention by a dense mask: queries at positions int[T] or [B,T] over keys
+  at positions int[S] or [B,S] (negative positions are padding); a query sees the keys
+  p - w < s <= p."""
+  distance = jnp.asarray(q_positions)[..., :, None] - jnp.asarray(k_positions)[..., None, :]
+  allowed = (distance >= 0) & (distance < window) & (jnp.asarray(k_positions)[..., None, :] >= 0)
   return grouped_attention(q, k, v, allowed, scale)[0]
 
 
-def _chunk_branches(qc, keys, values, k_cmp, v_cmp, *, offset: int, whole: bool, nsa,
-                    scale: float, select):
-  """branch_outputs for the queries at positions offset .. offset+len(qc)-1."""
+def _compression_and_selection(q, k_cmp, v_cmp, positions, num_keys: int, nsa, scale: float):
+  """Compression-branch output [B,T,N,Hv] and selected block indices [B,T,KV,n] of the
+  queries q at `positions`, over compressed keys/values [B,C,KV,*] of a `num_keys`-token
+  sequence."""
   length, stride, block = nsa.compress_block, nsa.compress_stride, nsa.select_block
-  end = offset + qc.shape[1]
-  visible = min(num_compressed_blocks(end, length, stride), k_cmp.shape[1])
-  if visible:
-    o_cmp, probs = compression_attention(qc, k_cmp[:, :visible], v_cmp[:, :visible], length,
-                                         stride, scale, offset)
-  else:  # no compressed block is complete yet
-    o_cmp = jnp.zeros(qc.shape[:3] + (v_cmp.shape[-1],), jnp.float32)
-    probs = jnp.zeros(qc.shape[:3] + (0,), jnp.float32)
+  if k_cmp.shape[1]:
+    o_cmp, probs = compression_attention(q, k_cmp, v_cmp, length, stride, scale, positions)
+  else:  # the sequence is shorter than one compressed block
+    o_cmp = jnp.zeros(q.shape[:3] + (v_cmp.shape[-1],), jnp.float32)
+    probs = jnp.zeros(q.shape[:3] + (0,), jnp.float32)
   scores = selection_scores(jax.lax.stop_gradient(probs), nsa.num_kv_heads, length, stride,
-                            block, num_blocks=-(-end // block))
-  indices = select_blocks(scores, nsa.num_selected, block, query_offset=offset)
-  o_slc = select(qc, keys[0][:, :end], values[0][:, :end], indices, offset)
-  if whole:
-    o_win = sliding_window_attention(qc, keys[1], values[1], nsa.window, scale)
-  else:
-    start = max(0, offset - nsa.window + 1)
-    o_win = window_attention(qc, keys[1][:, start:end], values[1][:, start:end], offset,
-                             start, nsa.window, scale)
-  return jnp.stack([o.astype(jnp.float32) for o in (o_cmp, o_slc, o_win)]), indices
+                            block, num_blocks=-(-num_keys // block))
+  return o_cmp, select_blocks(scores, nsa.num_selected, block, positions=positions)
+
+
+def _stack_branches(*outputs) -> jax.Array:
+  return jnp.stack([o.astype(jnp.float32) for o in outputs])
 
 
 def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
@@ -171,20 +169,48 @@ def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
 
   keys / values: the selection and window branches' [2,B,T,KV,*]; k_cmp / v_cmp: the
   compressed keys/values [B,C,KV,*]; nsa: an NSAConfig; select(q, k, v, indices, offset):
-  selected attention of the queries at positions offset.. . With `query_chunk`, queries are
-  processed in chunks of that many, each reading only the keys it can see and recomputed in
-  the backward pass (jax.checkpoint), so memory stays bounded for long sequences.
+  selected attention of the queries at positions offset.. (offset may be traced) over all
+  keys. With `query_chunk`, queries are processed by a lax.scan over chunks of that many, each
+  recomputed in the backward pass (jax.checkpoint), so memory is bounded by one chunk's
+  working set for any sequence length: a chunk gathers only its selected blocks and slices
+  only the keys its windows reach (the compression branch reads every compressed block,
+  masked).
   -> (outputs [3,B,T,N,Hv] float32, block indices int32[B,T,KV,n]).
   """
   t = q.shape[1]
   if not query_chunk or query_chunk >= t:
-    return _chunk_branches(q, keys, values, k_cmp, v_cmp, offset=0, whole=True, nsa=nsa,
-                           scale=scale, select=select)
-  outs, all_indices = [], []
-  for offset in range(0, t, query_chunk):
-    chunk = jax.checkpoint(functools.partial(_chunk_branches, offset=offset, whole=False,
-                                             nsa=nsa, scale=scale, select=select))
-    o, indices = chunk(q[:, offset:offset + query_chunk], keys, values, k_cmp, v_cmp)
-    outs.append(o)
-    all_indices.append(indices)
-  return jnp.concatenate(outs, axis=2), jnp.concatenate(all_indices, axis=1)
+    o_cmp, indices = _compression_and_selection(q, k_cmp, v_cmp, query_positions(t), t, nsa,
+                                                scale)
+    o_slc = select(q, keys[0], values[0], indices, 0)
+    o_win = sliding_window_attention(q, keys[1], values[1], nsa.window, scale)
+    return _stack_branches(o_cmp, o_slc, o_win), indices
+  chunks = -(-t // query_chunk)
+  padded = chunks * query_chunk
+  # Queries and keys padded to whole chunks: padded keys lie after every real query (never
+  # visible to one) and padded queries' outputs are dropped.
+  pad = lambda x, front=0: jnp.pad(x, [(0, 0), (front, padded - t)] + [(0, 0)] * (x.ndim - 2))
+  q_chunks = jnp.moveaxis(pad(q).reshape(q.shape[0], chunks, query_chunk, *q.shape[2:]), 1, 0)
+  k_slc, v_slc = pad(keys[0]), pad(values[0])
+  # Window keys padded in front by w, so chunk [o, o+c) reads the slice [o, o+c+w) = positions
+  # o-w .. o+c-1.
+  w = nsa.window
+  k_win, v_win = pad(keys[1], w), pad(values[1], w)
+
+  @jax.checkpoint
+  def chunk(carry, inputs):
+    index, qc = inputs
+    offset = index * query_chunk
+    positions = query_positions(query_chunk, offset)
+    o_cmp, indices = _compression_and_selection(qc, k_cmp, v_cmp, positions, padded, nsa,
+                                                scale)
+    o_slc = select(qc, k_slc, v_slc, indices, offset)
+    window_keys = lambda x: jax.lax.dynamic_slice_in_dim(x, offset, query_chunk + w, axis=1)
+    o_win = window_attention(qc, window_keys(k_win), window_keys(v_win), positions,
+                             query_positions(query_chunk + w, offset - w), w, scale)
+    return carry, (_stack_branches(o_cmp, o_slc, o_win), indices)
+
+  _, (outs, indices) = jax.lax.scan(chunk, None, (jnp.arange(chunks, dtype=jnp.int32),
+                                                  q_chunks))
+  unchunk = lambda x, axis: jnp.moveaxis(x, 0, axis).reshape(
+      *x.shape[1:axis + 1], padded, *x.shape[axis + 2:])[(slice(None),) * axis + (slice(0, t),)]
+  return unchunk(outs, 2), unchunk(indices, 1)
