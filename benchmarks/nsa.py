@@ -25,19 +25,48 @@ from dsjax.ops import nsa as nsa_ops
 from pallas_kernels.nsa import selected_attention
 from pallas_kernels.nsa.reference import selected_attention_gather
 
+_HIGHEST = jax.lax.Precision.HIGHEST
 
-def full_attention(q, k, v, chunk: int, scale: float):
-  """Causal attention, queries in chunks reading only the keys at or before their end."""
-  t = q.shape[1]
-  outs = []
-  for offset in range(0, t, chunk):
-    end = min(offset + chunk, t)
-    allowed = jnp.asarray(np.arange(end)[None, :] <= (offset + np.arange(end - offset))[:, None])
 
-    def part(qc, kc, vc, allowed=allowed):
-      return nsa_ops.grouped_attention(qc, kc, vc, allowed, scale)[0]
-    outs.append(jax.checkpoint(part)(q[:, offset:end], k[:, :end], v[:, :end]))
-  return jnp.concatenate(outs, axis=1)
+def full_attention(q, k, v, block: int, scale: float):
+  """Causal flash-style attention in XLA: a map over query blocks, each an online-softmax scan
+  over key blocks that skips (lax.cond) the blocks past the diagonal, and is recomputed in the
+  backward pass. Work: the causal triangle (plus half of each diagonal block); memory: one
+  query block's working set."""
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  blocks = -(-t // block)
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, blocks * block - t), (0, 0), (0, 0)])
+  split = lambda x: jnp.moveaxis(pad(x).reshape(b, blocks, block, *x.shape[2:]), 1, 0)
+  qb = split(q).reshape(blocks, b, block, kv, n // kv, h)
+  kb, vb = split(k), split(v)
+  diagonal = jnp.tril(jnp.ones((block, block), bool))
+
+  @jax.checkpoint
+  def query_block(args):
+    i, qi = args
+
+    def key_block(carry, j):
+      def attend(carry):
+        peak, total, acc = carry
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", qi, kb[j], precision=_HIGHEST) * scale
+        logits = jnp.where((j < i) | diagonal, logits, -jnp.inf)
+        new_peak = jnp.maximum(peak, logits.max(axis=-1))
+        weights = jnp.exp(logits - new_peak[..., None])
+        rescale = jnp.exp(peak - new_peak)
+        acc = acc * rescale[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", weights, vb[j],
+                                                    precision=_HIGHEST)
+        return new_peak, total * rescale + weights.sum(axis=-1), acc
+      return jax.lax.cond(j <= i, attend, lambda carry: carry, carry), None
+
+    init = (jnp.full((b, kv, n // kv, block), -jnp.inf), jnp.zeros((b, kv, n // kv, block)),
+            jnp.zeros((b, kv, n // kv, block, v.shape[-1])))
+    (_, total, acc), _ = jax.lax.scan(key_block, init, jnp.arange(blocks))
+    return acc / total[..., None]                              # [B,KV,G,block,Hv]
+
+  out = jax.lax.map(query_block, (jnp.arange(blocks), qb))    # [blocks,B,KV,G,block,Hv]
+  out = jnp.moveaxis(out, 0, 3).reshape(b, n, blocks * block, -1)
+  return jnp.moveaxis(out, 1, 2)[:, :t]
 
 
 def nsa_attention(q, k, v, cfg: NSAConfig, chunk: int, scale: float, select_impl: str):
@@ -52,6 +81,7 @@ def nsa_attention(q, k, v, cfg: NSAConfig, chunk: int, scale: float, select_impl
                                      query_offset=offset)
   outs, _ = nsa_ops.branch_outputs(q, jnp.stack([k, k]), jnp.stack([v, v]), k_cmp, v_cmp, cfg,
                                    scale, select,
+                                   # the kernel takes whole sequences
                                    query_chunk=None if select_impl == "pallas" else chunk)
   return outs.sum(axis=0) / 3
 

@@ -11,6 +11,9 @@ kv head n // G. Three branches, all causal:
 A query with no visible key in a branch gets 0 from it (as fla-core's references).
 """
 
+import functools
+import math
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -79,15 +82,33 @@ def overlap_matrix(c: int, length: int, stride: int, block: int, num_blocks: int
   return ((starts < (j + 1) * block) & (starts + length > j * block)).astype(np.float32)
 
 
+def overlap_band(c: int, length: int, stride: int, block: int, num_blocks: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """The overlap matrix as a band: (rows int[num_blocks, W], valid bool[num_blocks, W]) with
+  the compressed blocks overlapping each selection block (they are consecutive), W the most
+  any selection block overlaps."""
+  overlap = overlap_matrix(c, length, stride, block, num_blocks).astype(bool)
+  counts = overlap.sum(axis=0)
+  first = np.where(counts > 0, overlap.argmax(axis=0), 0)
+  width = max(int(counts.max(initial=0)), 1)
+  offsets = np.arange(width)[None, :]
+  valid = offsets < counts[:, None]
+  return np.where(valid, first[:, None] + offsets, 0), valid
+
+
 def selection_scores(probs, kv_heads: int, length: int, stride: int, block: int,
                      num_blocks: int | None = None) -> jax.Array:
   """Compression probabilities [B,T,N,C] -> selection-block importance [B,T,KV,num_blocks]
-  (default ceil(T/l')), summed over the query heads of each GQA group (Eq. 10)."""
+  (default ceil(T/l')), summed over the query heads of each GQA group (Eq. 10): for each
+  selection block, the sum of the probabilities of the compressed blocks that overlap it
+  (`overlap_matrix`, read as a band: O(num_blocks * W) per query, not O(C * num_blocks))."""
   b, t, n, c = probs.shape
   num_blocks = -(-t // block) if num_blocks is None else num_blocks
-  overlap = jnp.asarray(overlap_matrix(c, length, stride, block, num_blocks))
+  if c == 0:
+    return jnp.zeros((b, t, kv_heads, num_blocks), probs.dtype)
+  rows, valid = overlap_band(c, length, stride, block, num_blocks)
   grouped = probs.reshape(b, t, kv_heads, n // kv_heads, c).sum(axis=3)
-  return jnp.einsum("BTKC,CS->BTKS", grouped, overlap, precision=_HIGHEST)
+  return jnp.where(valid, grouped[..., rows], 0.0).sum(axis=-1)
 
 
 def select_blocks(scores, top_n: int, block: int, num_initial: int = 1,
@@ -111,28 +132,34 @@ def select_blocks(scores, top_n: int, block: int, num_initial: int = 1,
   return index
 
 
-def sliding_window_attention(q, k, v, window: int, scale: float) -> jax.Array:
-  """Each query t attends to keys t - w < s <= t. Queries are cut into chunks of w, and a
-  chunk reads only its own and the previous chunk's keys: O(T*2w), not O(T^2)."""
-  b, t, n, h = q.shape
-  w = min(window, t)
-  chunks = -(-t // w)
-  pad = chunks * w - t
+def window_blocks(q, k_ext, v_ext, first_position, window: int, block: int, scale: float):
+  """Sliding-window attention in blocks: q [B,n*block,N,H] at positions first_position..
+  (may be traced), k_ext / v_ext [B,(n+m)*block,KV,*] at positions first_position - m*block..
+  with m = ceil(window / block) (negative positions are padding). Query block i reads only key
+  blocks i..i+m: O(T*(w+block)) work."""
+  b, t = q.shape[:2]
+  n, m = t // block, -(-window // block)
+  qc = q.reshape(b, n, block, *q.shape[2:])
+  blocks = lambda x: x.reshape(b, n + m, block, *x.shape[2:])
+  reach = lambda x: jnp.concatenate([blocks(x)[:, s:s + n] for s in range(m + 1)], axis=2)
+  query_pos = first_position + jnp.arange(n)[:, None] * block + jnp.arange(block)[None, :]
+  key_pos = (first_position - m * block + jnp.arange(n)[:, None] * block
+             + jnp.arange((m + 1) * block)[None, :])
+  distance = query_pos[:, :, None] - key_pos[:, None, :]
+  allowed = (distance >= 0) & (distance < window) & (key_pos[:, None, :] >= 0)
+  o, _ = grouped_attention(qc, reach(k_ext), reach(v_ext), allowed[None], scale)
+  return o.reshape(b, t, *o.shape[3:])
 
-  def chunked(x):
-    x = jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)])
-    return x.reshape(b, chunks, w, *x.shape[2:])
-  qc, kc, vc = chunked(q), chunked(k), chunked(v)
-  # Keys of chunk i: chunk i-1 then chunk i (a zero chunk before the first, masked off).
-  previous = lambda x: jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * 3)[:, :-1]
-  keys = jnp.concatenate([previous(kc), kc], axis=2)
-  values = jnp.concatenate([previous(vc), vc], axis=2)
-  query_pos = np.arange(chunks)[:, None] * w + np.arange(w)[None, :]
-  key_pos = query_pos[:, None, :1] - w + np.arange(2 * w)[None, None, :]
-  distance = query_pos[:, :, None] - key_pos
-  allowed = (distance >= 0) & (distance < window) & (key_pos >= 0)
-  o, _ = grouped_attention(qc, keys, values, jnp.asarray(allowed)[None], scale)
-  return o.reshape(b, chunks * w, n, -1)[:, :t]
+
+def sliding_window_attention(q, k, v, window: int, scale: float) -> jax.Array:
+  """Each query t attends to keys t - w < s <= t, in blocks of w queries that each read their
+  own and the previous block's keys: O(T*2w), not O(T^2)."""
+  t = q.shape[1]
+  block = min(window, t)
+  n, m = -(-t // block), -(-window // block)
+  pad = lambda x, front: jnp.pad(x, [(0, 0), (front, n * block - t)] + [(0, 0)] * (x.ndim - 2))
+  return window_blocks(pad(q, 0), pad(k, m * block), pad(v, m * block), 0, window, block,
+                       scale)[:, :t]
 
 
 def window_attention(q, k, v, q_positions, k_positions, window: int, scale: float):
@@ -164,17 +191,17 @@ def _stack_branches(*outputs) -> jax.Array:
 
 
 def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
-                   query_chunk: int | None = None):
+                   query_chunk: int | None = None, stages: int = 4):
   """The three NSA branches for queries q [B,T,N,H].
 
   keys / values: the selection and window branches' [2,B,T,KV,*]; k_cmp / v_cmp: the
   compressed keys/values [B,C,KV,*]; nsa: an NSAConfig; select(q, k, v, indices, offset):
   selected attention of the queries at positions offset.. (offset may be traced) over all
-  keys. With `query_chunk`, queries are processed by a lax.scan over chunks of that many, each
-  recomputed in the backward pass (jax.checkpoint), so memory is bounded by one chunk's
-  working set for any sequence length: a chunk gathers only its selected blocks and slices
-  only the keys its windows reach (the compression branch reads every compressed block,
-  masked).
+  keys. With `query_chunk`, queries are processed by lax.scans over chunks of that many, each
+  chunk recomputed in the backward pass (jax.checkpoint), so memory is bounded by one chunk's
+  working set at any sequence length. A chunk gathers only its selected blocks and reads only
+  the keys its windows reach; the chunks are split into `stages` consecutive scans, each
+  reading only the compressed blocks visible by its end.
   -> (outputs [3,B,T,N,Hv] float32, block indices int32[B,T,KV,n]).
   """
   t = q.shape[1]
@@ -186,31 +213,36 @@ def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
     return _stack_branches(o_cmp, o_slc, o_win), indices
   chunks = -(-t // query_chunk)
   padded = chunks * query_chunk
+  w, block = nsa.window, math.gcd(query_chunk, nsa.window)
+  front = -(-w // block) * block
   # Queries and keys padded to whole chunks: padded keys lie after every real query (never
-  # visible to one) and padded queries' outputs are dropped.
-  pad = lambda x, front=0: jnp.pad(x, [(0, 0), (front, padded - t)] + [(0, 0)] * (x.ndim - 2))
+  # visible to one) and padded queries' outputs are dropped. Window keys are padded in front
+  # too, so that chunk [o, o+c) reads the slice [o, o+c+front) = positions o-front .. o+c-1.
+  pad = lambda x, first=0: jnp.pad(x, [(0, 0), (first, padded - t)] + [(0, 0)] * (x.ndim - 2))
   q_chunks = jnp.moveaxis(pad(q).reshape(q.shape[0], chunks, query_chunk, *q.shape[2:]), 1, 0)
   k_slc, v_slc = pad(keys[0]), pad(values[0])
-  # Window keys padded in front by w, so chunk [o, o+c) reads the slice [o, o+c+w) = positions
-  # o-w .. o+c-1.
-  w = nsa.window
-  k_win, v_win = pad(keys[1], w), pad(values[1], w)
+  k_win, v_win = pad(keys[1], front), pad(values[1], front)
 
-  @jax.checkpoint
-  def chunk(carry, inputs):
-    index, qc = inputs
+  def chunk(k_cmp, v_cmp, index, qc):
     offset = index * query_chunk
     positions = query_positions(query_chunk, offset)
     o_cmp, indices = _compression_and_selection(qc, k_cmp, v_cmp, positions, padded, nsa,
                                                 scale)
     o_slc = select(qc, k_slc, v_slc, indices, offset)
-    window_keys = lambda x: jax.lax.dynamic_slice_in_dim(x, offset, query_chunk + w, axis=1)
-    o_win = window_attention(qc, window_keys(k_win), window_keys(v_win), positions,
-                             query_positions(query_chunk + w, offset - w), w, scale)
-    return carry, (_stack_branches(o_cmp, o_slc, o_win), indices)
+    reach = lambda x: jax.lax.dynamic_slice_in_dim(x, offset, query_chunk + front, axis=1)
+    o_win = window_blocks(qc, reach(k_win), reach(v_win), offset, w, block, scale)
+    return _stack_branches(o_cmp, o_slc, o_win), indices
 
-  _, (outs, indices) = jax.lax.scan(chunk, None, (jnp.arange(chunks, dtype=jnp.int32),
-                                                  q_chunks))
+  results = []
+  bounds = np.linspace(0, chunks, min(stages, chunks) + 1).round().astype(int)
+  for first, last in zip(bounds[:-1], bounds[1:]):
+    visible = min(num_compressed_blocks(last * query_chunk, nsa.compress_block,
+                                        nsa.compress_stride), k_cmp.shape[1])
+    body = jax.checkpoint(functools.partial(chunk, k_cmp[:, :visible], v_cmp[:, :visible]))
+    _, out = jax.lax.scan(lambda carry, xs, body=body: (carry, body(*xs)), None,
+                          (jnp.arange(first, last, dtype=jnp.int32), q_chunks[first:last]))
+    results.append(out)
+  outs, indices = (jnp.concatenate(parts) for parts in zip(*results))
   unchunk = lambda x, axis: jnp.moveaxis(x, 0, axis).reshape(
       *x.shape[1:axis + 1], padded, *x.shape[axis + 2:])[(slice(None),) * axis + (slice(0, t),)]
   return unchunk(outs, 2), unchunk(indices, 1)

@@ -131,10 +131,12 @@ def test_branches_are_causal(t_cut):
   _future_changes_nothing(compression, t_cut, q, k, v)
 
 
-@pytest.mark.parametrize("chunk", [16, 24])
+@pytest.mark.parametrize("chunk", [16, 20, 24])
 def test_branches_in_query_chunks_equal_whole_sequence(chunk):
-  """branch_outputs over query chunks (each reading only the keys it can see, as long
-  sequences are processed) equals one pass over the whole sequence."""
+  """branch_outputs over query chunks (scanned in stages, each chunk reading only the keys
+  it can see, as long sequences are processed) equals one pass over the whole sequence, in
+  value and in gradient. Chunks 16 and 24 split the window (10) into blocks of 2; 20 holds
+  two whole windows."""
   from dsjax.config import NSAConfig
   cfg = NSAConfig(num_kv_heads=2, head_dim=16, v_head_dim=12, compress_block=8,
                   compress_stride=4, select_block=8, num_selected=3, window=10)
@@ -152,3 +154,13 @@ def test_branches_in_query_chunks_equal_whole_sequence(chunk):
                                         query_chunk=chunk)
   np.testing.assert_array_equal(whole_idx, parts_idx)
   np.testing.assert_allclose(whole, parts, atol=1e-5)
+
+  cotangent = jnp.asarray(rng.normal(size=whole.shape).astype(np.float32))
+  def loss(q, keys, values, k_cmp, v_cmp, query_chunk):
+    outs, _ = nsa.branch_outputs(q, keys, values, k_cmp, v_cmp, cfg, 0.25, select,
+                                 query_chunk=query_chunk)
+    return jnp.sum(outs * cotangent)
+  grads = [jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, keys, values, k_cmp, v_cmp, c)
+           for c in (None, chunk)]
+  for g_whole, g_parts in zip(*grads):
+    np.testing.assert_allclose(g_whole, g_parts, atol=1e-5)
