@@ -1,4 +1,5 @@
-"""Inference: the latent KV cache, sampling, batched jitted generation, MTP speculation."""
+"""Inference: decode caches (MLA's latents, NSA's decode state), sampling, batched jitted
+generation, MTP speculation."""
 
 from dsjax.infer.cache import (bytes_per_token_per_layer, cache_nbytes, cache_ratio,
                                full_kv_values_per_token, latent_values_per_token)

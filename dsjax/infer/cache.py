@@ -1,8 +1,12 @@
-"""The MLA decode cache: per layer and token, only the normalised latent c_kv (kv_lora_rank
+"""Decode caches. MLA: per layer and token, only the normalised latent c_kv (kv_lora_rank
 values) and the rotated shared rope key k_pe (qk_rope_head_dim values).
 
 A full K/V cache stores num_heads * (qk_nope + qk_rope + v) values per token per layer instead;
 `cache_ratio` gives the factor (71x for DeepSeek-V3: 128 * (192 + 128) vs 512 + 64).
+
+NSA (dsjax.ops.nsa_decode.NSACache): per layer and token, the selection branch's keys and
+values (KV * (H + Hv) values) and about 1/d of that for the compressed blocks; plus rings of
+the last l + w positions per row and layer.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import jax.numpy as jnp
 from dsjax.config import ModelConfig
 from dsjax.model.stack import LatentCache
 from dsjax.model.transformer import DecodeCache
+from dsjax.ops.nsa_decode import NSACache
 
 
 def latent_values_per_token(cfg: ModelConfig) -> int:
@@ -37,6 +42,10 @@ def pad_slots(cache: LatentCache | None, slots: int, offset: int = 0) -> LatentC
   slots."""
   if cache is None:
     return None
+  if isinstance(cache, NSACache):
+    raise ValueError("An NSA decode cache holds per-row state (compressed blocks, rings) that "
+                     "padding cannot place; build it at its final size with "
+                     "Transformer.prefill(ids, lengths=..., slots=...).")
   t = cache.c_kv.shape[2]
   if offset + t > slots:
     raise ValueError(f"{offset + t} cache entries do not fit in {slots} slots.")
@@ -59,12 +68,19 @@ def cache_nbytes(cache: DecodeCache) -> int:
 
 
 def bytes_per_token_per_layer(cache: DecodeCache) -> float:
-  """Measured from the arrays: for each stack, (c_kv + k_pe bytes) / (layers * batch * slots);
-  every stack of one model has the same figure."""
+  """Measured from the arrays, for each stack: the bytes that grow with the slots, divided by
+  (layers * batch * slots); every stack of one model has the same figure. MLA: c_kv + k_pe.
+  NSA: the selection keys/values plus the compressed state (about 1/d of a token per slot);
+  its rings (a fixed l + w positions per row and layer) are not counted."""
   def per_token(a: jax.Array) -> float:
     return _nbytes(a) / math.prod(a.shape[:3])
-  figures = {per_token(c.c_kv) + per_token(c.k_pe)
-             for c in (cache.dense, cache.moe, cache.mtp) if c is not None}
+
+  def per_slot(c) -> float:
+    if isinstance(c, NSACache):
+      slots = math.prod(c.k_slc.shape[:3])
+      return sum(_nbytes(a) for a in (c.k_slc, c.v_slc, c.k_cmp, c.v_cmp)) / slots
+    return per_token(c.c_kv) + per_token(c.k_pe)
+  figures = {per_slot(c) for c in (cache.dense, cache.moe, cache.mtp) if c is not None}
   if len(figures) != 1:
     raise ValueError(f"cache stacks differ in bytes per token per layer: {sorted(figures)}")
   return figures.pop()

@@ -1,5 +1,5 @@
-"""Batched generation with MLA's latent KV cache: a jitted prefill and a jitted decode step,
-both pure functions of (params, cache, tokens), driven by a short host loop.
+"""Batched generation with MLA's latent KV cache or NSA's decode state: a jitted prefill and a
+jitted decode step, both pure functions of (params, cache, tokens), driven by a short host loop.
 
 Prompts of different lengths share one batch: they are right-padded, each row keeps its own
 positions, and cache slot s holds the token at position s, so a row's next token attends to
@@ -29,7 +29,7 @@ from flax import nnx
 
 from dsjax.infer.cache import cache_nbytes, pad_slots
 from dsjax.infer.sampling import SamplingParams, sample_next
-from dsjax.model.transformer import DecodeCache, Transformer
+from dsjax.model.transformer import Transformer
 from dsjax.ops.latent_attention import ATTN_IMPLS
 
 SPECULATIVE = (None, "mtp")
@@ -103,10 +103,9 @@ def _prefill(graphdef, state, ids, lengths, key, *, slots: int, sampling: Sampli
   """Prompt ids [B,T] (right-padded to T, true lengths [B]) -> (first new token [B], MTP draft
   of the token after it [B] or None, DecodeCache with `slots` slots)."""
   model = nnx.merge(graphdef, state)
-  out, latents = model.prefill(ids, moe_impl=moe_impl)
+  out, cache = model.prefill(ids, moe_impl=moe_impl, lengths=lengths, slots=slots)
   rows = jnp.arange(ids.shape[0])
   first = sample_next(_last_logits(model, out.hidden, lengths), key, sampling)
-  cache = DecodeCache(pad_slots(latents.dense, slots), pad_slots(latents.moe, slots), None)
   if not draft:
     return first, None, cache
   # MTP input t pairs hidden state t with token t+1 (the first new token at the last prompt
@@ -228,7 +227,8 @@ class Generator:
   compiled prefill and decode steps.
 
   attn_impl: "absorb" (latent-space attention, DeepSeek's decode) or "naive" (expanded K/V,
-  the reference). moe_impl: MoE dispatch override (None: the config's)."""
+  the reference); MLA only, NSA models ignore it. moe_impl: MoE dispatch override (None: the
+  config's)."""
 
   def __init__(self, model: Transformer, *, attn_impl: str = "absorb",
                moe_impl: str | None = None):
@@ -249,6 +249,10 @@ class Generator:
     if speculative == "mtp" and not self.has_mtp:
       raise ValueError("speculative='mtp' needs an MTP module, but this model has "
                        "num_mtp_layers=0; turn speculative decoding off.")
+    if speculative == "mtp" and cfg.attention != "mla":
+      raise ValueError(f"speculative='mtp' is not supported for attention={cfg.attention!r}: "
+                       "the MTP module's NSA layer has no decode state; turn speculative "
+                       "decoding off.")
     if speculative == "mtp" and not sampling.greedy:
       raise ValueError("speculative='mtp' decodes greedily; set temperature=0 or turn "
                        "speculative decoding off.")

@@ -9,7 +9,6 @@ from dsjax.model.mlp import MLP
 from dsjax.model.moe import MoE
 from dsjax.model.norm import RMSNorm
 from dsjax.model.nsa import NSAttention
-from dsjax.ops.latent_attention import KeySegment
 from dsjax.ops.routing import Routing
 
 
@@ -40,17 +39,27 @@ class Block(nnx.Module):
       return self._ffn(x + self.attn(self.attn_norm(x), cos, sin), moe_impl)
     return self._ffn(x + self.attn(self.attn_norm(x), cos, sin, mask), moe_impl)
 
-  def prefill(self, x, cos, sin, mask, moe_impl: str | None = None):
-    """(x, routing, the tokens' latent (c_kv, k_pe) for the decode cache)."""
-    h, latent = self.attn.prefill(self.attn_norm(x), cos, sin, mask)
+  def prefill(self, x, cos, sin, mask, moe_impl: str | None = None, lengths=None,
+              slots: int | None = None):
+    """(x, routing, the layer's decode cache entries: MLA's latent (c_kv, k_pe) of the T
+    tokens, or NSA's decode state (an NSACache with `slots` slots, rows of `lengths`))."""
+    if isinstance(self.attn, NSAttention):
+      h, cache = self.attn.prefill(self.attn_norm(x), cos, sin, lengths, slots)
+    else:
+      h, cache = self.attn.prefill(self.attn_norm(x), cos, sin, mask)
     x, routing = self._ffn(x + h, moe_impl)
-    return x, routing, latent
+    return x, routing, cache
 
-  def decode(self, x, cos, sin, cache: KeySegment, new_mask, attn_impl: str = "absorb",
-             moe_impl: str | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """(x, the new tokens' latent (c_kv, k_pe)); see MLA.decode."""
-    h, latent = self.attn.decode(self.attn_norm(x), cos, sin, cache, new_mask, attn_impl)
-    return self._ffn(x + h, moe_impl)[0], latent
+  def decode(self, x, cos, sin, cache, new_mask=None, attn_impl: str = "absorb",
+             moe_impl: str | None = None, positions=None):
+    """(x, the layer's cache update). MLA: `cache` a KeySegment, `new_mask` the new tokens'
+    mask, the update their latent (c_kv, k_pe) (see MLA.decode). NSA: `cache` the layer's
+    NSACache, `positions` int[B,T] the new tokens' (see NSAttention.decode)."""
+    if isinstance(self.attn, NSAttention):
+      h, update = self.attn.decode(self.attn_norm(x), cos, sin, cache, positions)
+    else:
+      h, update = self.attn.decode(self.attn_norm(x), cos, sin, cache, new_mask, attn_impl)
+    return self._ffn(x + h, moe_impl)[0], update
 
   def _ffn(self, x, moe_impl) -> tuple[jax.Array, Routing | None]:
     h = self.ffn_norm(x)

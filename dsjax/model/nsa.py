@@ -8,6 +8,7 @@ shortcut another's):
   selection    the top-n blocks of l' tokens by the compression probabilities (dsjax.ops.nsa);
   window       the last w tokens.
 Per-head sigmoid gates mix the three outputs, then wo projects back to the model dim.
+`prefill`/`decode` generate with a per-layer decode state (dsjax.ops.nsa_decode.NSACache).
 """
 
 import jax
@@ -17,6 +18,8 @@ from flax import nnx
 from dsjax.config import NSAConfig
 from dsjax.model.param import normal_param
 from dsjax.ops import nsa as nsa_ops
+from dsjax.ops import nsa_decode
+from dsjax.ops.nsa_decode import NSACache
 from dsjax.ops.rope import apply_rope
 from pallas_kernels import nsa as nsa_kernels
 from pallas_kernels.nsa.reference import selected_attention_gather
@@ -72,17 +75,37 @@ class NSAttention(nnx.Module):
     self.nsa = nsa
     self.dtype = dtype
 
-  def branches(self, x, cos, sin, select_impl: str | None = None):
-    """The three branch outputs [3,B,T,N,Hv] (float32), the gates [B,T,N,3] and the selected
-    block indices int32[B,T,KV,n]."""
-    cfg, dt = self.nsa, self.dtype
+  def _project(self, x, cos, sin):
+    """x in the compute dtype, rotated queries [B,T,N,H], and the three branches' keys
+    (rotated) and values [3,B,T,KV,*] (compression, selection, window)."""
+    dt = self.dtype
     x = x.astype(dt)
     q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt)), cos, sin)
     k = jnp.einsum("BTD,CDKH->CBTKH", x, self.wk[...].astype(dt))
     v = jnp.einsum("BTD,CDKH->CBTKH", x, self.wv[...].astype(dt))
     k = jnp.stack([apply_rope(k[c], cos, sin) for c in range(len(BRANCHES))]).astype(dt)
+    return x, q, k, v
+
+  def _gates(self, x) -> jax.Array:
+    """Per-head sigmoid gates [B,T,N,3] (float32)."""
+    return jax.nn.sigmoid(jnp.einsum("BTD,DNC->BTNC", x, self.gate[...].astype(self.dtype))
+                          .astype(jnp.float32))
+
+  def _mix(self, outs, gates) -> jax.Array:
+    """Branch outputs [3,B,T,N,Hv] and gates [B,T,N,3] -> [B,T,D]."""
+    mixed = jnp.einsum("CBTNH,BTNC->BTNH", outs, gates).astype(self.dtype)
+    return jnp.einsum("BTNH,NHD->BTD", mixed, self.wo[...].astype(self.dtype))
+
+  def branches(self, x, cos, sin, select_impl: str | None = None):
+    """The three branch outputs [3,B,T,N,Hv] (float32), the gates [B,T,N,3] and the selected
+    block indices int32[B,T,KV,n]."""
+    x, q, k, v = self._project(x, cos, sin)
+    return self._branches(x, q, k, v, self._compress(k[0], v[0]), select_impl)
+
+  def _branches(self, x, q, k, v, compressed, select_impl):
+    cfg = self.nsa
     scale = cfg.head_dim ** -0.5
-    k_cmp, v_cmp = self._compress(k[0], v[0])
+    k_cmp, v_cmp = compressed
     if resolve_select_impl(select_impl or cfg.select_impl) == "pallas":
       def select(q, k, v, indices, offset):
         del offset  # one chunk: the whole sequence
@@ -93,14 +116,40 @@ class NSAttention(nnx.Module):
         return selected_attention_gather(q, k, v, indices, cfg.select_block, scale,
                                          query_offset=offset)
     outs, indices = nsa_ops.branch_outputs(q, k[1:], v[1:], k_cmp, v_cmp, cfg, scale, select)
-    gates = jax.nn.sigmoid(jnp.einsum("BTD,DNC->BTNC", x, self.gate[...].astype(dt))
-                           .astype(jnp.float32))
-    return outs, gates, indices
+    return outs, self._gates(x), indices
 
   def __call__(self, x, cos, sin, select_impl: str | None = None) -> jax.Array:
     outs, gates, _ = self.branches(x, cos, sin, select_impl)
-    mixed = jnp.einsum("CBTNH,BTNC->BTNH", outs, gates).astype(self.dtype)
-    return jnp.einsum("BTNH,NHD->BTD", mixed, self.wo[...].astype(self.dtype))
+    return self._mix(outs, gates)
+
+  def prefill(self, x, cos, sin, lengths=None, slots: int | None = None
+              ) -> tuple[jax.Array, NSACache]:
+    """The training forward pass of a prompt x [B,T,D] at positions 0..T-1 that also returns
+    the layer's decode state (dsjax.ops.nsa_decode.NSACache, [B,...]) with `slots` slots
+    (default T); lengths int[B]: each row's prompt length (default T; later tokens are
+    padding)."""
+    x, q, k, v = self._project(x, cos, sin)
+    compressed = self._compress(k[0], v[0])
+    outs, gates, _ = self._branches(x, q, k, v, compressed, None)
+    return self._mix(outs, gates), nsa_decode.prefill_cache(k, v, *compressed, self.nsa,
+                                                            lengths, slots)
+
+  def decode_branches(self, x, cos, sin, cache: NSACache, positions):
+    """decode()'s parts: (branch outputs [3,B,T,N,Hv] float32, gates [B,T,N,3], selected
+    blocks int32[B,T,KV,n], the layer's update; see nsa_decode.decode_branches)."""
+    x, q, k, v = self._project(x, cos, sin)
+    outs, indices, update = nsa_decode.decode_branches(
+        q, k, v, cache, positions, self.nsa, self.nsa.head_dim ** -0.5, self.compress_k,
+        self.compress_v)
+    return outs, self._gates(x), indices, update
+
+  def decode(self, x, cos, sin, cache: NSACache, positions) -> tuple[jax.Array, NSACache]:
+    """T new tokens x [B,T,D] at positions int[B,T] (consecutive per row; cos/sin at those
+    positions) over the layer's decode state `cache` [B,...]. Returns (out [B,T,D], the
+    update: the new tokens' selection keys/values [B,T,KV,*] in k_slc/v_slc, for the caller
+    to write at `positions`, and the compressed state and rings after the step)."""
+    outs, gates, _, update = self.decode_branches(x, cos, sin, cache, positions)
+    return self._mix(outs, gates), update
 
   def _compress(self, k, v):
     """Compressed keys/values [B,C,KV,*] (C = 0 when T is shorter than one block)."""

@@ -11,6 +11,7 @@ from dsjax.config import ModelConfig
 from dsjax.model.block import Block
 from dsjax.model.param import AXES
 from dsjax.ops.latent_attention import KeySegment
+from dsjax.ops.nsa_decode import NSACache, write_selection_slots
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -57,39 +58,61 @@ class LayerStack(nnx.Module):
   def __call__(self, x, cos, sin, mask, moe_impl: str | None = None, scan: bool | None = None):
     return self._run(lambda block, h: block(h, cos, sin, mask, moe_impl), x, scan)
 
-  def prefill(self, x, cos, sin, mask, moe_impl: str | None = None, scan: bool | None = None):
-    """(x, routing, LatentCache of the T tokens: c_kv [L,B,T,C], k_pe [L,B,T,R])."""
+  def prefill(self, x, cos, sin, mask, moe_impl: str | None = None, scan: bool | None = None,
+              lengths=None, slots: int | None = None):
+    """(x, routing, the stack's decode cache): MLA, a LatentCache of the T tokens (c_kv
+    [L,B,T,C], k_pe [L,B,T,R]), padded to `slots` slots when given; NSA, an NSACache [L,B,...]
+    with `slots` slots (default T) for rows of `lengths` int[B] (default T)."""
     def layer(block, h):
-      h, routing, latent = block.prefill(h, cos, sin, mask, moe_impl)
-      return h, (routing, latent)
-    x, (routing, latent) = self._run(layer, x, scan)
-    return x, routing, LatentCache(*latent)
+      h, routing, cache = block.prefill(h, cos, sin, mask, moe_impl, lengths, slots)
+      return h, (routing, cache)
+    x, (routing, cache) = self._run(layer, x, scan)
+    if isinstance(cache, NSACache):
+      return x, routing, cache
+    cache = LatentCache(*cache)
+    if slots is not None:
+      widths = ((0, 0), (0, 0), (0, slots - cache.c_kv.shape[2]), (0, 0))
+      cache = LatentCache(*(jnp.pad(a, widths) for a in cache))
+    return x, routing, cache
 
-  def decode(self, x, cos, sin, cache: LatentCache, positions, cache_mask, new_mask,
-             attn_impl: str = "absorb", moe_impl: str | None = None, scan: bool | None = None
-             ) -> tuple[jax.Array, LatentCache]:
-    """T new tokens x [B,T,D] at `positions` int[B,T] through every layer: each layer attends
-    over its cache slots (`cache_mask` [B,1,T,S]) and the new tokens (`new_mask` [B,1,T,T]).
-    The layers only read the cache; the new tokens' latents of all layers are written to
-    slots `positions` once, after the last layer (one in-place scatter when the cache
-    buffer is donated)."""
+  def decode(self, x, cos, sin, cache: LatentCache | NSACache, positions, cache_mask=None,
+             new_mask=None, attn_impl: str = "absorb", moe_impl: str | None = None,
+             scan: bool | None = None) -> tuple[jax.Array, LatentCache | NSACache]:
+    """T new tokens x [B,T,D] at `positions` int[B,T] through every layer.
+
+    MLA (`cache` a LatentCache): each layer attends over its cache slots (`cache_mask`
+    [B,1,T,S]) and the new tokens (`new_mask` [B,1,T,T]). NSA (`cache` an NSACache): each layer
+    reads its decode state and returns its compressed state and rings after the step.
+    The layers only read the per-token cache (MLA's latents, NSA's selection keys/values);
+    the new tokens' entries of all layers are written to slots `positions` once, after the
+    last layer (one in-place scatter when the cache buffer is donated)."""
     graphdef, state = nnx.split(self.blocks)
+    if isinstance(cache, NSACache):
+      def body(h, layer):
+        layer_state, layer_cache = layer
+        return nnx.merge(graphdef, layer_state).decode(
+            h, cos, sin, layer_cache, moe_impl=moe_impl, positions=positions)
+      x, update = self._scan_layers(body, x, (state, cache), scan)
+      return x, write_selection_slots(cache, update, positions)
 
     def body(h, layer):
       layer_state, c_kv, k_pe = layer
       return nnx.merge(graphdef, layer_state).decode(
           h, cos, sin, KeySegment(c_kv, k_pe, cache_mask), new_mask, attn_impl, moe_impl)
 
-    layers = (state, cache.c_kv, cache.k_pe)
-    if self.scan if scan is None else scan:
-      x, (new_c, new_pe) = jax.lax.scan(body, x, layers)
-    else:
-      outputs = []
-      for i in range(self.num_layers):
-        x, out = body(x, jax.tree.map(lambda a, i=i: a[i], layers))
-        outputs.append(out)
-      new_c, new_pe = (jnp.stack(a) for a in zip(*outputs))
+    x, (new_c, new_pe) = self._scan_layers(body, x, (state, cache.c_kv, cache.k_pe), scan)
     return x, write_slots(cache, LatentCache(new_c, new_pe), positions)
+
+  def _scan_layers(self, body, x, layers, scan: bool | None):
+    """body(h, one layer's slice of `layers`) -> (h, out) over the layers, scanned or
+    unrolled; outs stacked on axis 0."""
+    if self.scan if scan is None else scan:
+      return jax.lax.scan(body, x, layers)
+    outputs = []
+    for i in range(self.num_layers):
+      x, out = body(x, jax.tree.map(lambda a, i=i: a[i], layers))
+      outputs.append(out)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
 
   def _run(self, layer_fn, x, scan: bool | None):
     """Runs `layer_fn(block, h) -> (h, per-layer outputs)` over the layers (scanned or

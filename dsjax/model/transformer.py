@@ -13,6 +13,7 @@ from dsjax.model.param import normal_param
 from dsjax.model.stack import LatentCache, LayerStack, write_slots
 from dsjax.ops.attention import attention_mask, decode_masks
 from dsjax.ops.latent_attention import KeySegment
+from dsjax.ops.nsa_decode import NSACache
 from dsjax.ops.rope import rope_cos_sin
 from dsjax.ops.routing import Routing
 
@@ -26,10 +27,11 @@ class ModelOutput(NamedTuple):
 
 
 class DecodeCache(NamedTuple):
-  """MLA latent caches of the dense stack, the MoE stack and the first MTP module (None where
-  the model has none), each a LatentCache with slot s holding the token at position s."""
-  dense: LatentCache | None
-  moe: LatentCache | None
+  """Decode caches of the dense stack, the MoE stack and the first MTP module (None where the
+  model has none): LatentCaches for MLA (slot s holding the token at position s), NSACaches
+  (dsjax.ops.nsa_decode) for NSA."""
+  dense: LatentCache | NSACache | None
+  moe: LatentCache | NSACache | None
   mtp: LatentCache | None
 
 
@@ -85,23 +87,27 @@ class Transformer(nnx.Module):
     return ModelOutput(self.logits_from_hidden(hidden), hidden, routing)
 
   def prefill(self, input_ids: jax.Array, positions: jax.Array | None = None,
-              moe_impl: str | None = None, scan: bool | None = None
+              moe_impl: str | None = None, scan: bool | None = None,
+              lengths: jax.Array | None = None, slots: int | None = None
               ) -> tuple[ModelOutput, DecodeCache]:
-    """forward() that also returns what the decode cache stores for these T tokens: a
-    DecodeCache with S = T (slot t = token t) for the dense and MoE stacks (mtp None)."""
-    if self.config.attention != "mla":
-      raise NotImplementedError(
-          f"prefill/decode (generation) support attention='mla' only; attention="
-          f"{self.config.attention!r} needs NSA's decode state, which is not implemented yet.")
+    """forward() that also returns the decode cache of these T tokens for the dense and MoE
+    stacks (mtp None), with `slots` slots (default T; slot t = token t). lengths int[B]: each
+    row's prompt length (default T; the tokens after it are padding). MLA caches are the
+    tokens' latents (they do not depend on `lengths`); NSA caches are the layers' decode
+    state, whose rings hold each row's last positions before its length."""
     self._check_input(input_ids)
+    if slots is not None and slots < input_ids.shape[1]:
+      raise ValueError(f"slots={slots} cannot hold the {input_ids.shape[1]} prompt tokens; "
+                       f"use slots >= {input_ids.shape[1]}.")
     positions = self.default_positions(input_ids) if positions is None else positions
     cos, sin, mask = self._rope_and_mask(positions, None)
     x = self.embed_tokens(input_ids)
     routing = dense = moe = None
     if self.dense_layers is not None:
-      x, _, dense = self.dense_layers.prefill(x, cos, sin, mask, moe_impl, scan)
+      x, _, dense = self.dense_layers.prefill(x, cos, sin, mask, moe_impl, scan, lengths, slots)
     if self.moe_layers is not None:
-      x, routing, moe = self.moe_layers.prefill(x, cos, sin, mask, moe_impl, scan)
+      x, routing, moe = self.moe_layers.prefill(x, cos, sin, mask, moe_impl, scan, lengths,
+                                                slots)
     hidden = self.norm(x)
     return (ModelOutput(self.logits_from_hidden(hidden), hidden, routing),
             DecodeCache(dense, moe, None))
@@ -112,10 +118,14 @@ class Transformer(nnx.Module):
     """T new tokens input_ids int[B,T] at positions int[B,T] (consecutive per row), attending
     over cache slots below each row's first position and over each other. Returns (logits
     [B,T,V], final hidden [B,T,D], the cache with the new tokens written at their positions).
-    attn_impl "absorb" attends in the latent space; "naive" expands keys/values."""
+    MLA: attn_impl "absorb" attends in the latent space, "naive" expands keys/values. NSA
+    (attn_impl unused): the three branches over each layer's decode state."""
     cos, sin = rope_cos_sin(positions, self.config.rope, self.config.rope_dim)
-    slots = (cache.dense or cache.moe).c_kv.shape[2]
-    cache_mask, new_mask = decode_masks(positions, slots)
+    if self.config.attention == "nsa":
+      cache_mask = new_mask = None
+    else:
+      slots = (cache.dense or cache.moe).c_kv.shape[2]
+      cache_mask, new_mask = decode_masks(positions, slots)
     x = self.embed_tokens(input_ids)
     stacks = {}
     for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
@@ -155,6 +165,10 @@ class Transformer(nnx.Module):
         cache, LatentCache(c_kv[None], k_pe[None]), positions)
 
   def _first_mtp(self) -> MTPModule:
+    if self.config.attention != "mla":
+      raise ValueError(f"MTP drafting decodes the MTP module with MLA's latent cache; this "
+                       f"model has attention={self.config.attention!r}. Turn speculative "
+                       "decoding off.")
     if not len(self.mtp):
       raise ValueError("This model has num_mtp_layers=0: MTP drafting needs an MTP module; "
                        "use a checkpoint with MTP weights or turn speculative decoding off.")

@@ -83,14 +83,14 @@ def test_nsa_model_scanned_equals_unrolled_and_trains():
       assert float(jnp.abs(g.get_value()).max()) > 0, path
 
 
-def test_generation_and_hf_export_refuse_nsa():
+def test_hf_export_and_speculative_decoding_refuse_nsa():
   import dsjax
   cfg = _nsa_model_config()
   with pytest.raises(ValueError, match="no HuggingFace DeepseekV2/V3 equivalent"):
     cfg.to_hf()
-  model = dsjax.Transformer(cfg, rngs=nnx.Rngs(0))
-  with pytest.raises(NotImplementedError, match="attention='mla' only"):
-    model.prefill(jnp.zeros((1, 4), jnp.int32))
+  model = nnx.eval_shape(lambda: dsjax.Transformer(cfg, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="speculative='mtp' is not supported"):
+    dsjax.generate(model, [[1, 2]], max_new_tokens=2, speculative="mtp")
 
 
 def test_pallas_selection_equals_gather_in_the_layer():
