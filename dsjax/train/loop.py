@@ -55,12 +55,14 @@ def _initial_state(run: Run, checkpointer: TrainCheckpointer, iterator, log) -> 
   return init_train_state(run.model_cfg, run.optimizer, run.cfg.seed, run.state_shardings)
 
 
-def _evaluate(run: Run, state: TrainState) -> float:
-  total, weight = 0.0, 0.0
+def _evaluate(run: Run, state: TrainState) -> dict[str, float]:
+  """eval_loss (per target token) and eval_accuracy (argmax hits per target token) over the
+  held-out batches."""
+  total, weight, hits = 0.0, 0.0, 0.0
   for batch in run.data.eval_batches(run.cfg.train.eval_batches):
-    loss_sum, count = run.eval_step(state, _device_batch(run, batch))
-    total, weight = total + float(loss_sum), weight + float(count)
-  return total / max(weight, 1.0)
+    loss_sum, count, correct = run.eval_step(state, _device_batch(run, batch))
+    total, weight, hits = total + float(loss_sum), weight + float(count), hits + float(correct)
+  return {"eval_loss": total / max(weight, 1.0), "eval_accuracy": hits / max(weight, 1.0)}
 
 
 class _Throughput:
@@ -107,15 +109,11 @@ def _write_experiment(workdir: Path, run: Run) -> None:
 
 def _print_sample(run: Run, state: TrainState, log) -> str | None:
   """A sampled continuation of train.sample_prompt (temperature 0.7), generated with the
-  latent KV cache."""
+  model's decode cache (MLA's latents or NSA's decode state)."""
   prompt = run.cfg.train.sample_prompt
   ids = run.tokenizer.encode(prompt) if prompt else []
   room = run.model_cfg.max_position_embeddings - len(ids)
   if not ids or not run.cfg.train.sample_tokens or room < 1:
-    return None
-  if run.model_cfg.attention != "mla":
-    log(f"No sample: generation for attention={run.model_cfg.attention!r} is not implemented "
-        "yet (it needs NSA's decode state).")
     return None
   model = nnx.merge(run.graphdef, state.params, state.router_bias)
   out = Generator(model).generate([ids], min(run.cfg.train.sample_tokens, room),
@@ -187,7 +185,8 @@ def _loop(run: Run, state: TrainState, iterator, checkpointer, writer, start: in
       values = {**_summarise(pending), **throughput.measure()}
       pending = []
       if evaluate:
-        values["eval_loss"] = eval_loss = _evaluate(run, state)
+        values.update(_evaluate(run, state))
+        eval_loss = values["eval_loss"]
       record = writer.write(done, values)
       bar.update(done, loss=record["loss"], lr=record["lr"], eval_loss=record.get("eval_loss"),
                  tokens_per_sec=record["tokens_per_sec"])

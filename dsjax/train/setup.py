@@ -40,7 +40,7 @@ class Run:
   state_shardings: Any
   batch_sharding: NamedSharding
   train_step: Any                  # jitted (state, batch) -> (state, metrics)
-  eval_step: Any                   # jitted (state, batch) -> (loss_sum, weight)
+  eval_step: Any                   # jitted (state, batch) -> (loss_sum, weight, correct)
 
 
 def _check_train_section(train: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:

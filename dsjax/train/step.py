@@ -160,10 +160,12 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, optimizer, schedule
 
 
 def eval_step(state: TrainState, batch: Batch, *, graphdef, moe_impl: str | None = None
-              ) -> tuple[jax.Array, jax.Array]:
-  """(summed next-token loss, token count) of `batch` under the current parameters."""
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(summed next-token loss, token count, correctly predicted (argmax) tokens) of `batch`
+  under the current parameters, over its loss-bearing positions."""
   model = nnx.merge(graphdef, state.params, state.router_bias)
   logits = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
                          moe_impl).logits
   ce = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
-  return ce.loss_sum, ce.weight_sum
+  hits = (jnp.argmax(logits, axis=-1) == batch["targets"]) & (batch["loss_mask"] != 0)
+  return ce.loss_sum, ce.weight_sum, jnp.sum(hits.astype(jnp.float32))
