@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from dsjax.data.packing import PackedRows, batch_builder, chunk_documents
+from dsjax.data.recall import RecallData, build_recall_data, is_recall_source
 from dsjax.data.sources import Document, load_documents
 from dsjax.data.tokenizer import Tokenizer
 
@@ -290,13 +291,18 @@ class DataPipeline:
 
 def build_data(cfg: Any, tok: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
                vocab_size: int, process_index: int = 0, process_count: int = 1
-               ) -> DataPipeline:
+               ) -> DataPipeline | RecallData:
   """Reads, tokenizes, validates, splits and packs the corpus of the data config `cfg`
   (ConfigDict or dict with keys source, tokenizer, text_field, eval_fraction, num_workers,
   shuffle). `batch_size` is per process; batches are dicts of [batch_size, seq_len] arrays.
-  Every token id is checked against `vocab_size` here, before training starts."""
+  Every token id is checked against `vocab_size` here, before training starts. The source
+  "recall[:settings]" is the synthetic long-range retrieval task of dsjax.data.recall."""
   settings = _data_settings(cfg)
   _check_shapes(seq_len, batch_size, process_index, process_count)
+  if is_recall_source(settings["source"]):  # synthetic rows, generated as they are needed
+    return build_recall_data(settings["source"], seq_len=seq_len, batch_size=batch_size,
+                             seed=seed, vocab_size=vocab_size, process_index=process_index,
+                             process_count=process_count)
   docs = load_documents(settings["source"], settings["text_field"])
   corpus = _tokenize(docs, tok, vocab_size)
   data = DataPipeline(settings, tok, corpus, seq_len=seq_len, batch_size=batch_size,
