@@ -4,11 +4,13 @@ by side in one run, next to the theoretical FLOP ratio. Nothing here is asserted
   python benchmarks/nsa.py [--lengths 4096,8192,16384,32768 --heads 16 --kv_heads 1]
 
 Both sides are the attention core only (queries, keys and values given; no projections):
-  full: causal softmax attention, queries in chunks that each read the keys up to their end
-        (the work of a causal flash kernel), every chunk recomputed in the backward pass;
+  full: causal softmax attention as an XLA flash-style loop: query blocks mapped, each an
+        online-softmax scan over key blocks that skips those past the diagonal (the work of a
+        causal flash kernel), every query block recomputed in the backward pass;
   NSA:  dsjax.ops.nsa.branch_outputs with the paper's block sizes (l=32, d=16, l'=64, n=16,
         w=512): compression over mean-pooled blocks, top-n selection by the gather path,
-        sliding window, in query chunks that are recomputed in the backward pass.
+        sliding window, in scanned query chunks that are recomputed in the backward pass.
+Both loops keep one block's buffers at a time, so memory stays bounded at 32k.
 On CPU both are XLA. On a GPU/TPU the selection uses the Pallas kernel (--select pallas).
 """
 
@@ -98,8 +100,9 @@ def flop_ratio(t: int, cfg: NSAConfig) -> float:
 
 
 def seconds(fn, args, repeats: int) -> float:
+  """Best of `repeats` calls of the compiled fn (compilation excluded; the first call is
+  timed too, since at 32k one call takes minutes)."""
   compiled = jax.jit(fn).lower(*args).compile()
-  jax.block_until_ready(compiled(*args))
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
