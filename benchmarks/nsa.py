@@ -91,12 +91,7 @@ def nsa_attention(q, k, v, cfg: NSAConfig, chunk: int, scale: float, select_impl
 def flop_ratio(t: int, cfg: NSAConfig) -> float:
   """Keys attended per query, summed over queries: full causal t(t+1)/2 vs NSA's visible
   compressed blocks + selected tokens + window tokens (each capped by the causal prefix)."""
-  pos = np.arange(t)
-  full = (pos + 1).sum()
-  compressed = np.maximum(0, (pos + 1 - cfg.compress_block) // cfg.compress_stride + 1)
-  selected = np.minimum(pos + 1, cfg.num_selected * cfg.select_block)
-  window = np.minimum(pos + 1, cfg.window)
-  return float(full / (compressed + selected + window).sum())
+  return float((np.arange(t) + 1).sum() / nsa_ops.keys_per_query(t, cfg).sum())
 
 
 def seconds(fn, args, repeats: int) -> float:

@@ -74,6 +74,17 @@ def compression_attention(q, k_cmp, v_cmp, length: int, stride: int, scale: floa
   return grouped_attention(q, k_cmp, v_cmp, allowed, scale)
 
 
+def keys_per_query(t: int, nsa) -> np.ndarray:
+  """float [T]: the keys NSA attends for the query at each position 0..T-1: its visible
+  compressed blocks, the tokens of its n selected blocks and its window (each capped by the
+  causal prefix). Full causal attention attends position + 1."""
+  pos = np.arange(t)
+  compressed = np.maximum(0, (pos + 1 - nsa.compress_block) // nsa.compress_stride + 1)
+  selected = np.minimum(pos + 1, nsa.num_selected * nsa.select_block)
+  window = np.minimum(pos + 1, nsa.window)
+  return (compressed + selected + window).astype(np.float64)
+
+
 def overlap_matrix(c: int, length: int, stride: int, block: int, num_blocks: int) -> np.ndarray:
   """float [C, num_blocks]: 1 where compressed block i ([i*d, i*d+l)) overlaps selection block
   j ([j*l', (j+1)*l')); Eq. 9 read spatially (each overlapping block counted once)."""
