@@ -124,11 +124,5 @@ class LayerStack(nnx.Module):
 
     if self.remat_policy != "none":
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat_policy])
-    if self.scan if scan is None else scan:
-      return jax.lax.scan(body, x, state)
-    outputs = []
-    for i in range(self.num_layers):
-      x, out = body(x, jax.tree.map(lambda a, i=i: a[i], state))
-      outputs.append(out)
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+    return self._scan_layers(body, x, state, scan)
 

@@ -182,10 +182,10 @@ def window_attention(q, k, v, q_positions, k_positions, window: int, scale: floa
   return grouped_attention(q, k, v, allowed, scale)[0]
 
 
-def _compression_and_selection(q, k_cmp, v_cmp, positions, num_keys: int, nsa, scale: float):
-  """Compression-branch output [B,T,N,Hv] and selected block indices [B,T,KV,n] of the
-  queries q at `positions`, over compressed keys/values [B,C,KV,*] of a `num_keys`-token
-  sequence."""
+def compression_and_selection(q, k_cmp, v_cmp, positions, num_keys: int, nsa, scale: float):
+  """Compression-branch output [B,T,N,Hv] (float32) and selected block indices int32[B,T,KV,n]
+  of the queries q [B,T,N,H] at positions int[T] or [B,T], over compressed keys/values
+  [B,C,KV,*] of a sequence (or a decode cache) of `num_keys` tokens."""
   length, stride, block = nsa.compress_block, nsa.compress_stride, nsa.select_block
   if k_cmp.shape[1]:
     o_cmp, probs = compression_attention(q, k_cmp, v_cmp, length, stride, scale, positions)
@@ -217,7 +217,7 @@ def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
   """
   t = q.shape[1]
   if not query_chunk or query_chunk >= t:
-    o_cmp, indices = _compression_and_selection(q, k_cmp, v_cmp, query_positions(t), t, nsa,
+    o_cmp, indices = compression_and_selection(q, k_cmp, v_cmp, query_positions(t), t, nsa,
                                                 scale)
     o_slc = select(q, keys[0], values[0], indices, 0)
     o_win = sliding_window_attention(q, keys[1], values[1], nsa.window, scale)
@@ -237,7 +237,7 @@ def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
   def chunk(k_cmp, v_cmp, index, qc):
     offset = index * query_chunk
     positions = query_positions(query_chunk, offset)
-    o_cmp, indices = _compression_and_selection(qc, k_cmp, v_cmp, positions, padded, nsa,
+    o_cmp, indices = compression_and_selection(qc, k_cmp, v_cmp, positions, padded, nsa,
                                                 scale)
     o_slc = select(qc, k_slc, v_slc, indices, offset)
     reach = lambda x: jax.lax.dynamic_slice_in_dim(x, offset, query_chunk + front, axis=1)

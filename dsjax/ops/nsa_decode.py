@@ -20,11 +20,9 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from dsjax.ops.nsa import (compression_attention, num_compressed_blocks, select_blocks,
-                           selection_scores, window_attention)
+from dsjax.ops.nsa import (compression_and_selection, grouped_attention,
+                           num_compressed_blocks, window_attention)
 from pallas_kernels.nsa.reference import gather_selected
-
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class NSACache(NamedTuple):
@@ -160,36 +158,14 @@ def update_compressed(k_cmp, v_cmp, k_raw, v_raw, k_new, v_new, positions, lengt
           v_cmp.at[rows, index].set(new_v, mode="drop"))
 
 
-def compression_and_selection(q, k_cmp, v_cmp, positions, slots: int, nsa, scale: float):
-  """Compression-branch output [B,T,N,Hv] (float32) and the selected blocks int32[B,T,KV,n]
-  of queries q [B,T,N,H] at positions [B,T], over the compressed state [B,C,KV,*] of a cache
-  with `slots` slots."""
-  length, stride, block = nsa.compress_block, nsa.compress_stride, nsa.select_block
-  if k_cmp.shape[1]:
-    o_cmp, probs = compression_attention(q, k_cmp, v_cmp, length, stride, scale, positions)
-  else:  # the cache is shorter than one compressed block
-    o_cmp = jnp.zeros(q.shape[:3] + (v_cmp.shape[-1],), jnp.float32)
-    probs = jnp.zeros(q.shape[:3] + (0,), jnp.float32)
-  scores = selection_scores(jax.lax.stop_gradient(probs), nsa.num_kv_heads, length, stride,
-                            block, num_blocks=-(-slots // block))
-  return o_cmp, select_blocks(scores, nsa.num_selected, block, positions=positions)
-
-
 def _attend(q, k, v, allowed, scale: float) -> jax.Array:
   """q [B,T,N,H] over per-query keys k [B,T,KV,S,H], v [B,T,KV,S,Hv], allowed [B,T,KV,S]
-  -> [B,T,N,Hv] float32 (zeros for a query with no allowed key)."""
+  -> [B,T,N,Hv] float32 (zeros for a query with no allowed key): grouped_attention with
+  (B,T,KV) as the leading axes, one query of G heads over its own S keys of one KV head."""
   b, t, n, h = q.shape
   kv = k.shape[2]
-  qg = q.reshape(b, t, kv, n // kv, h).astype(jnp.float32)
-  logits = jnp.einsum("BTKGH,BTKSH->BTKGS", qg, k.astype(jnp.float32),
-                      precision=_HIGHEST) * scale
-  mask = allowed[:, :, :, None, :]
-  logits = jnp.where(mask, logits, -jnp.inf)
-  peak = jnp.max(logits, axis=-1, keepdims=True)
-  weights = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
-  total = jnp.sum(weights, axis=-1, keepdims=True)
-  probs = weights / jnp.where(total > 0, total, 1.0)
-  o = jnp.einsum("BTKGS,BTKSH->BTKGH", probs, v.astype(jnp.float32), precision=_HIGHEST)
+  o, _ = grouped_attention(q.reshape(b, t, kv, 1, n // kv, h), k[:, :, :, :, None],
+                           v[:, :, :, :, None], allowed[:, :, :, None, :], scale)
   return o.reshape(b, t, n, v.shape[-1])
 
 
