@@ -1,20 +1,25 @@
 """A synthetic long-range retrieval task: multi-query key-value recall over long rows.
 
 Every row of T tokens is a haystack of random filler tokens holding `num_keys` facts at random
-places. A fact is one token that binds a key to a value; the bindings are drawn afresh for
+places. A fact is a key token followed by a value token; the bindings are drawn afresh for
 every row (values with replacement, so no answer follows from the others), so they can only
 be read from the row itself. The last 2 * num_keys tokens query every key once, in random
-order: a query token, then the answer token (the key's value). Only the answers are
-predicted: loss_mask marks the query positions, so a run's eval_accuracy is the fraction of
+order: the key token, then its value token (the answer). Only the answers are predicted:
+loss_mask marks the query positions, so a run's eval_accuracy is the fraction of
 keys recalled, against a chance level of 1 / num_values. Facts lie anywhere in the first
 T - 2 * num_keys tokens, so most are thousands of tokens away from their query in a 4k row.
 
-Vocabulary: [0, F) filler | F + k * V + v fact "key k has value v" | then K query tokens |
-then V answer tokens; F + K*V + K + V ids in all (208 with the defaults, within a byte
-vocabulary).
+With min_len > 0, training rows hold one episode of a log-uniform length in [min_len, T]
+(then padding): at initialisation attention spreads over all earlier tokens, so the signal
+that teaches a query to find its fact shrinks with the row length, and short episodes let a
+model learn the mechanism that long ones test. Held-out rows are always full length.
+
+Vocabulary: [0, F) filler | F + k key k | F + K + v value v; F + K + V ids in all (144 with
+the defaults, within a byte vocabulary). Answering takes the induction mechanism: find the
+earlier occurrence of the query's key and copy the token after it.
 
   source = "recall"                                    # defaults below
-  source = "recall:num_keys=16,num_values=8,filler=64"
+  source = "recall:num_keys=16,num_values=8,filler=64,min_len=256"
 """
 
 from __future__ import annotations
@@ -35,51 +40,67 @@ class RecallTask:
   num_keys: int = 8
   num_values: int = 8
   filler: int = 128
+  min_len: int = 0  # > 0: training episodes are log-uniform in [min_len, seq_len] tokens
 
   @property
   def vocab_size(self) -> int:
-    return self.filler + self.num_keys * self.num_values + self.num_keys + self.num_values
+    return self.filler + self.num_keys + self.num_values
 
-  def fact_token(self, key, value):
-    return self.filler + key * self.num_values + value
+  def key_token(self, key):
+    return self.filler + key
 
-  def query_token(self, key):
-    return self.filler + self.num_keys * self.num_values + key
-
-  def answer_token(self, value):
-    return self.filler + self.num_keys * (self.num_values + 1) + value
+  def value_token(self, value):
+    return self.filler + self.num_keys + value
 
   def check(self, vocab_size: int) -> None:
     if min(self.num_keys, self.num_values, self.filler) < 1:
       raise ValueError(f"recall task {self}: num_keys, num_values and filler must be >= 1; "
                        "fix --config.data.source.")
-    haystack = self.seq_len - 2 * self.num_keys
-    if haystack < self.num_keys:
-      raise ValueError(f"recall task: seq_len={self.seq_len} cannot hold {self.num_keys} "
-                       f"facts and {self.num_keys} queries; set --config.train.seq_len >= "
-                       f"{3 * self.num_keys} or fewer num_keys.")
+    shortest = self.min_len or self.seq_len
+    if shortest < 4 * self.num_keys:
+      raise ValueError(f"recall task: an episode of {shortest} tokens cannot hold "
+                       f"{self.num_keys} facts and {self.num_keys} queries; set "
+                       f"--config.train.seq_len (and min_len) >= {4 * self.num_keys} or "
+                       "fewer num_keys.")
+    if self.min_len > self.seq_len:
+      raise ValueError(f"recall task: min_len={self.min_len} exceeds seq_len={self.seq_len}; "
+                       "lower min_len in --config.data.source.")
     if self.vocab_size > vocab_size:
       raise ValueError(f"recall task needs {self.vocab_size} token ids but the model has "
                        f"vocab_size={vocab_size}; set --config.model.vocab_size >= "
                        f"{self.vocab_size} or a smaller filler / num_keys / num_values.")
 
+  def episode_length(self, rng: np.random.Generator, full: bool) -> int:
+    """seq_len, or for a training row with min_len > 0 a log-uniform draw in
+    [min_len, seq_len]."""
+    if full or not self.min_len:
+      return self.seq_len
+    return int(np.exp(rng.uniform(np.log(self.min_len), np.log(self.seq_len + 1))))
+
   def row(self, seed: int, stream: int, index: int) -> dict[str, np.ndarray]:
-    """One row: inputs, targets, segment_ids, positions (int32) and loss_mask (float32), [T]."""
+    """One row: inputs, targets, segment_ids, positions (int32) and loss_mask (float32), [T].
+    Stream 0 is training (episodes of `episode_length`), any other stream held out (full
+    rows). An episode shorter than the row is followed by padding (segment 0, no loss)."""
     rng = np.random.default_rng([seed % 2**32, stream, index])
     t, k = self.seq_len, self.num_keys
-    tokens = rng.integers(0, self.filler, t + 1)
+    length = self.episode_length(rng, full=stream != 0)
+    tokens = np.zeros(t + 1, np.int64)
+    tokens[:length] = rng.integers(0, self.filler, length)
     values = rng.integers(0, self.num_values, k)
-    haystack = t - 2 * k
-    places = rng.choice(haystack, k, replace=False)
-    tokens[places] = self.fact_token(np.arange(k), values)
+    haystack = length - 2 * k
+    # k facts "key value" at distinct, non-overlapping places (2 tokens each)
+    places = 2 * rng.choice(haystack // 2, k, replace=False)
+    tokens[places] = self.key_token(np.arange(k))
+    tokens[places + 1] = self.value_token(values)
     order = rng.permutation(k)
     queries = haystack + 2 * np.arange(k)
-    tokens[queries] = self.query_token(order)
-    tokens[queries + 1] = self.answer_token(values[order])
+    tokens[queries] = self.key_token(order)
+    tokens[queries + 1] = self.value_token(values[order])
     loss_mask = np.zeros(t, np.float32)
     loss_mask[queries] = 1.0
+    segment_ids = (np.arange(t) < length).astype(np.int32)
     return {"inputs": tokens[:t].astype(np.int32), "targets": tokens[1:].astype(np.int32),
-            "segment_ids": np.ones(t, np.int32), "positions": np.arange(t, dtype=np.int32),
+            "segment_ids": segment_ids, "positions": np.arange(t, dtype=np.int32),
             "loss_mask": loss_mask}
 
 

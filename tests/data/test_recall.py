@@ -14,13 +14,16 @@ _DATA = dict(source="recall", tokenizer="byte", text_field="text", eval_fraction
              num_workers=0, shuffle=True)
 
 
-def _decode_facts(task: RecallTask, inputs: np.ndarray) -> dict[int, tuple[int, int]]:
-  """{key: (value, position)} read back from the fact tokens of a row."""
-  first, last = task.fact_token(0, 0), task.fact_token(task.num_keys - 1, task.num_values - 1)
+def _decode_facts(task: RecallTask, inputs: np.ndarray, end: int) -> dict[int, tuple[int, int]]:
+  """{key: (value, position of the key)} read back from the facts before position `end`."""
+  keys = np.flatnonzero((inputs[:end] >= task.key_token(0))
+                        & (inputs[:end] <= task.key_token(task.num_keys - 1)))
   facts = {}
-  for pos in np.flatnonzero((inputs >= first) & (inputs <= last)):
-    key, value = divmod(int(inputs[pos]) - first, task.num_values)
+  for pos in keys:
+    key = int(inputs[pos]) - task.key_token(0)
     assert key not in facts, "each key has exactly one fact"
+    value = int(inputs[pos + 1]) - task.value_token(0)
+    assert 0 <= value < task.num_values, "a value follows every key"
     facts[key] = (value, int(pos))
   return facts
 
@@ -30,17 +33,17 @@ def test_answers_are_the_values_the_facts_bind(index):
   task = RecallTask(seq_len=300, num_keys=6, num_values=5, filler=40)
   row = task.row(seed=3, stream=0, index=index)
   inputs, targets, mask = row["inputs"], row["targets"], row["loss_mask"]
-  facts = _decode_facts(task, inputs)
-  assert sorted(facts) == list(range(6))
   queries = np.flatnonzero(mask)
   assert len(queries) == 6 and mask.sum() == 6
+  facts = _decode_facts(task, inputs, queries[0])
+  assert sorted(facts) == list(range(6))
   asked = []
   for pos in queries:
-    key = int(inputs[pos]) - task.query_token(0)
+    key = int(inputs[pos]) - task.key_token(0)
     assert 0 <= key < task.num_keys
     value, fact_pos = facts[key]
     assert fact_pos < pos
-    assert targets[pos] == task.answer_token(value)
+    assert targets[pos] == task.value_token(value)
     asked.append(key)
   assert sorted(asked) == list(range(6)), "every key is asked once"
   np.testing.assert_array_equal(targets[:-1], inputs[1:])
@@ -62,9 +65,10 @@ def test_facts_spread_over_the_whole_row():
   distances = []
   for index in range(20):
     row = task.row(0, 0, index)
-    facts = _decode_facts(task, row["inputs"])
-    for pos in np.flatnonzero(row["loss_mask"]):
-      key = int(row["inputs"][pos]) - task.query_token(0)
+    queries = np.flatnonzero(row["loss_mask"])
+    facts = _decode_facts(task, row["inputs"], queries[0])
+    for pos in queries:
+      key = int(row["inputs"][pos]) - task.key_token(0)
       distances.append(pos - facts[key][1])
   assert np.median(distances) > 1500 and np.mean(np.asarray(distances) > 256) > 0.9
 
@@ -102,7 +106,7 @@ def test_process_shares_are_disjoint_parts_of_the_global_batch():
     ("recall:num_keys=8,colour=3", 64, 256, "is not one of"),
     ("recall:num_keys=x", 64, 256, "is not one of"),
     ("recall:num_keys=40", 64, 256, "cannot hold"),
-    ("recall:filler=250", 256, 256, "vocab_size=256"),
+    ("recall:filler=250,num_keys=8", 256, 256, "vocab_size=256"),
     ("recall:num_values=0", 64, 256, "must be >= 1"),
 ])
 def test_bad_settings_name_the_fix(source, seq_len, vocab, message):
@@ -114,4 +118,23 @@ def test_bad_settings_name_the_fix(source, seq_len, vocab, message):
 def test_source_settings_parse():
   task = parse_recall_source("recall:num_keys=16,num_values=4,filler=64", 512)
   assert (task.num_keys, task.num_values, task.filler, task.seq_len) == (16, 4, 64, 512)
-  assert task.vocab_size == 64 + 16 * 4 + 16 + 4
+  assert task.vocab_size == 64 + 16 + 4
+
+
+def test_short_training_episodes_are_padded_and_held_out_rows_are_full():
+  """min_len: a training row holds one episode of log-uniform length in [min_len, T], then
+  padding (segment 0, no loss, after every query so causal attention never reads it)."""
+  task = RecallTask(seq_len=512, num_keys=4, min_len=64)
+  lengths = []
+  for index in range(200):
+    row = task.row(0, 0, index)
+    length = int(row["segment_ids"].sum())
+    lengths.append(length)
+    assert 64 <= length <= 512
+    np.testing.assert_array_equal(row["segment_ids"][:length], 1)
+    queries = np.flatnonzero(row["loss_mask"])
+    assert len(queries) == 4 and queries[-1] + 1 == length - 1   # the last answer ends it
+    assert not row["inputs"][length:].any()
+  assert min(lengths) < 128 and max(lengths) > 384 and 128 < np.median(lengths) < 256
+  held_out = task.row(0, 1, 0)
+  assert held_out["segment_ids"].all() and np.flatnonzero(held_out["loss_mask"])[-1] == 510
