@@ -202,7 +202,7 @@ def _stack_branches(*outputs) -> jax.Array:
 
 
 def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
-                   query_chunk: int | None = None, stages: int = 4):
+                   query_chunk: int | None = None, stages: int = 16):
   """The three NSA branches for queries q [B,T,N,H].
 
   keys / values: the selection and window branches' [2,B,T,KV,*]; k_cmp / v_cmp: the

@@ -131,12 +131,12 @@ def test_branches_are_causal(t_cut):
   _future_changes_nothing(compression, t_cut, q, k, v)
 
 
-@pytest.mark.parametrize("chunk", [16, 20, 24])
-def test_branches_in_query_chunks_equal_whole_sequence(chunk):
+@pytest.mark.parametrize("chunk, stages", [(16, 2), (20, 16), (24, 1)])
+def test_branches_in_query_chunks_equal_whole_sequence(chunk, stages):
   """branch_outputs over query chunks (scanned in stages, each chunk reading only the keys
   it can see, as long sequences are processed) equals one pass over the whole sequence, in
   value and in gradient. Chunks 16 and 24 split the window (10) into blocks of 2; 20 holds
-  two whole windows."""
+  two whole windows; 2 and 1 stages scan several chunks per stage, 16 one per stage."""
   from dsjax.config import NSAConfig
   cfg = NSAConfig(num_kv_heads=2, head_dim=16, v_head_dim=12, compress_block=8,
                   compress_stride=4, select_block=8, num_selected=3, window=10)
@@ -151,14 +151,14 @@ def test_branches_in_query_chunks_equal_whole_sequence(chunk):
     return selected_attention_gather(q, k, v, indices, 8, 0.25, query_offset=offset)
   whole, whole_idx = nsa.branch_outputs(q, keys, values, k_cmp, v_cmp, cfg, 0.25, select)
   parts, parts_idx = nsa.branch_outputs(q, keys, values, k_cmp, v_cmp, cfg, 0.25, select,
-                                        query_chunk=chunk)
+                                        query_chunk=chunk, stages=stages)
   np.testing.assert_array_equal(whole_idx, parts_idx)
   np.testing.assert_allclose(whole, parts, atol=1e-5)
 
   cotangent = jnp.asarray(rng.normal(size=whole.shape).astype(np.float32))
   def loss(q, keys, values, k_cmp, v_cmp, query_chunk):
     outs, _ = nsa.branch_outputs(q, keys, values, k_cmp, v_cmp, cfg, 0.25, select,
-                                 query_chunk=query_chunk)
+                                 query_chunk=query_chunk, stages=stages)
     return jnp.sum(outs * cotangent)
   grads = [jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, keys, values, k_cmp, v_cmp, c)
            for c in (None, chunk)]
