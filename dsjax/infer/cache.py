@@ -17,9 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.model.stack import LatentCache
+from dsjax.model.stack import pad_slots
 from dsjax.model.transformer import DecodeCache
 from dsjax.ops.nsa_decode import NSACache
+
+__all__ = ["bytes_per_token_per_layer", "cache_arrays", "cache_nbytes", "cache_ratio",
+           "full_kv_values_per_token", "latent_values_per_token", "pad_slots"]
 
 
 def latent_values_per_token(cfg: ModelConfig) -> int:
@@ -35,22 +38,6 @@ def full_kv_values_per_token(cfg: ModelConfig) -> int:
 def cache_ratio(cfg: ModelConfig) -> float:
   """How many times smaller the latent cache is than a full K/V cache."""
   return full_kv_values_per_token(cfg) / latent_values_per_token(cfg)
-
-
-def pad_slots(cache: LatentCache | None, slots: int, offset: int = 0) -> LatentCache | None:
-  """A LatentCache [L,B,T,...] placed at slots offset..offset+T-1 of a zero cache with `slots`
-  slots."""
-  if cache is None:
-    return None
-  if isinstance(cache, NSACache):
-    raise ValueError("An NSA decode cache holds per-row state (compressed blocks, rings) that "
-                     "padding cannot place; build it at its final size with "
-                     "Transformer.prefill(ids, lengths=..., slots=...).")
-  t = cache.c_kv.shape[2]
-  if offset + t > slots:
-    raise ValueError(f"{offset + t} cache entries do not fit in {slots} slots.")
-  widths = ((0, 0), (0, 0), (offset, slots - offset - t), (0, 0))
-  return LatentCache(*(jnp.pad(a, widths) for a in cache))
 
 
 def cache_arrays(cache: DecodeCache) -> list[jax.Array]:

@@ -40,6 +40,22 @@ def write_slots(cache: LatentCache, new: LatentCache, positions: jax.Array) -> L
                        for c, n in zip(cache, new)))
 
 
+def pad_slots(cache: LatentCache | None, slots: int, offset: int = 0) -> LatentCache | None:
+  """A LatentCache [L,B,T,...] placed at slots offset..offset+T-1 of a zero cache with `slots`
+  slots."""
+  if cache is None:
+    return None
+  if isinstance(cache, NSACache):
+    raise ValueError("An NSA decode cache holds per-row state (compressed blocks, rings) that "
+                     "padding cannot place; build it at its final size with "
+                     "Transformer.prefill(ids, lengths=..., slots=...).")
+  t = cache.c_kv.shape[2]
+  if offset + t > slots:
+    raise ValueError(f"{offset + t} cache entries do not fit in {slots} slots.")
+  widths = ((0, 0), (0, 0), (offset, slots - offset - t), (0, 0))
+  return LatentCache(*(jnp.pad(a, widths) for a in cache))
+
+
 class LayerStack(nnx.Module):
   """`num_layers` Blocks; x [B,T,D] -> (x, per-layer Routing stacked on axis 0 or None)."""
 
@@ -70,10 +86,7 @@ class LayerStack(nnx.Module):
     if isinstance(cache, NSACache):
       return x, routing, cache
     cache = LatentCache(*cache)
-    if slots is not None:
-      widths = ((0, 0), (0, 0), (0, slots - cache.c_kv.shape[2]), (0, 0))
-      cache = LatentCache(*(jnp.pad(a, widths) for a in cache))
-    return x, routing, cache
+    return x, routing, cache if slots is None else pad_slots(cache, slots)
 
   def decode(self, x, cos, sin, cache: LatentCache | NSACache, positions, cache_mask=None,
              new_mask=None, attn_impl: str = "absorb", moe_impl: str | None = None,
