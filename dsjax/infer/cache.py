@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.model.stack import pad_slots
+from dsjax.model.stack import PerLayer, pad_slots
 from dsjax.model.transformer import DecodeCache
 from dsjax.ops.nsa_decode import NSACache
 
@@ -59,7 +59,9 @@ def bytes_per_token_per_layer(cache: DecodeCache) -> float:
   (layers * batch * slots); every stack of one model has the same figure. MLA: c_kv + k_pe.
   NSA: the selection keys/values plus the compressed state (about 1/d of a token per slot);
   its rings (a fixed l + w positions per row and layer) are not counted."""
-  def per_token(a: jax.Array) -> float:
+  def per_token(a: jax.Array | PerLayer) -> float:
+    if isinstance(a, PerLayer):  # L arrays [B,S,...]
+      return sum(map(_nbytes, a.arrays)) / (len(a.arrays) * math.prod(a.arrays[0].shape[:2]))
     return _nbytes(a) / math.prod(a.shape[:3])
 
   def per_slot(c) -> float:

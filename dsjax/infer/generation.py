@@ -29,7 +29,8 @@ from flax import nnx
 
 from dsjax.infer.cache import cache_nbytes, pad_slots
 from dsjax.infer.sampling import SamplingParams, sample_next
-from dsjax.model.transformer import Transformer
+from dsjax.model.stack import LatentCache, per_layer, unstack_layers
+from dsjax.model.transformer import DecodeCache, Transformer
 from dsjax.ops.latent_attention import ATTN_IMPLS
 
 SPECULATIVE = (None, "mtp")
@@ -37,6 +38,9 @@ _CACHE_SLOT_MULTIPLE = 128
 _MIN_PROMPT_BUCKET = 16
 
 OnTokens = Callable[[int, list[int]], None]
+
+
+LAYOUTS = ("per_layer", "stacked")
 
 
 def _next_power_of_two(n: int) -> int:
@@ -98,12 +102,21 @@ def _last_logits(model: Transformer, hidden, lengths) -> jax.Array:
   return model.logits_from_hidden(hidden[rows, lengths - 1][:, None])[:, 0]
 
 
+def _per_layer_cache(cache: DecodeCache) -> DecodeCache:
+  """The layer stacks' LatentCaches as PerLayer buffers (NSA caches stay stacked)."""
+  def unstack(c):
+    return LatentCache(*map(per_layer, c)) if isinstance(c, LatentCache) else c
+  return cache._replace(dense=unstack(cache.dense), moe=unstack(cache.moe))
+
+
 def _prefill(graphdef, state, ids, lengths, key, *, slots: int, sampling: SamplingParams,
-             moe_impl: str | None, draft: bool):
+             moe_impl: str | None, draft: bool, layout: str = "stacked"):
   """Prompt ids [B,T] (right-padded to T, true lengths [B]) -> (first new token [B], MTP draft
-  of the token after it [B] or None, DecodeCache with `slots` slots)."""
+  of the token after it [B] or None, DecodeCache with `slots` slots, in `layout`)."""
   model = nnx.merge(graphdef, state)
   out, cache = model.prefill(ids, moe_impl=moe_impl, lengths=lengths, slots=slots)
+  if layout == "per_layer":
+    cache = _per_layer_cache(cache)
   rows = jnp.arange(ids.shape[0])
   first = sample_next(_last_logits(model, out.hidden, lengths), key, sampling)
   if not draft:
@@ -171,7 +184,7 @@ def compiled_steps(graphdef) -> CompiledSteps:
     return jax.jit(functools.partial(fn, graphdef), static_argnames=static,
                    donate_argnames=donate)
   return CompiledSteps(
-      jit(_prefill, ("slots", "sampling", "moe_impl", "draft")),
+      jit(_prefill, ("slots", "sampling", "moe_impl", "draft", "layout")),
       jit(_decode_step, ("sampling", "attn_impl", "moe_impl"), ("cache",)),
       jit(_speculative_step, ("attn_impl", "moe_impl"), ("cache",)))
 
@@ -228,14 +241,24 @@ class Generator:
 
   attn_impl: "absorb" (latent-space attention, DeepSeek's decode) or "naive" (expanded K/V,
   the reference); MLA only, NSA models ignore it. moe_impl: MoE dispatch override (None: the
-  config's)."""
+  config's).
+  layout: "per_layer" (default) holds each layer's weights and cache in buffers of their
+  own, so that a decode step reads them in place instead of slicing (and XLA copying) the
+  [L,...] stacks; the Generator keeps its own copy of the stacked weights, and the steps run
+  the layers unrolled. "stacked" uses the model's arrays as they are and scans the layers:
+  for very deep models, where compiling an unrolled step takes long, or to save the copy."""
 
   def __init__(self, model: Transformer, *, attn_impl: str = "absorb",
-               moe_impl: str | None = None):
+               moe_impl: str | None = None, layout: str = "per_layer"):
     if attn_impl not in ATTN_IMPLS:
       raise ValueError(f"attn_impl={attn_impl!r}; use one of {ATTN_IMPLS}.")
+    if layout not in LAYOUTS:
+      raise ValueError(f"layout={layout!r}; use one of {LAYOUTS}.")
     self.config = model.config
     self.graphdef, self.state = nnx.split(model)
+    if layout == "per_layer":
+      self.state = unstack_layers(self.state)
+    self.layout = layout
     self.steps = compiled_steps(self.graphdef)
     self.attn_impl, self.moe_impl = attn_impl, moe_impl
     self.has_mtp = len(model.mtp) > 0
@@ -301,7 +324,8 @@ class Generator:
     start = time.perf_counter()
     first, draft, cache = clock.call(
         self.steps.prefill, self.state, ids, lengths, jax.random.fold_in(key, 0),
-        slots=slots, sampling=sampling, moe_impl=self.moe_impl, draft=speculative == "mtp")
+        slots=slots, sampling=sampling, moe_impl=self.moe_impl, draft=speculative == "mtp",
+        layout=self.layout)
     first_np = np.asarray(first)
     prefill_seconds = time.perf_counter() - start - clock.seconds
     for row in range(rows):
@@ -378,8 +402,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_id: int | None = None, **options) -> list[list[int]]:
   """Generated token ids for each prompt (a list of token-id lists); see Generator.generate.
-  `options`: attn_impl, moe_impl (Generator) and speculative, on_tokens (Generator.generate)."""
-  generator = Generator(model, **{k: options.pop(k) for k in ("attn_impl", "moe_impl")
+  `options`: attn_impl, moe_impl, layout (Generator) and speculative, on_tokens
+  (Generator.generate)."""
+  generator = Generator(model, **{k: options.pop(k) for k in ("attn_impl", "moe_impl", "layout")
                                   if k in options})
   return generator.generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
                             **options).tokens

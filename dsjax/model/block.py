@@ -61,6 +61,13 @@ class Block(nnx.Module):
       h, update = self.attn.decode(self.attn_norm(x), cos, sin, cache, new_mask, attn_impl)
     return self._ffn(x + h, moe_impl)[0], update
 
+  def decode_in_place(self, x, cos, sin, c_kv, k_pe, positions, mask,
+                      attn_impl: str = "absorb", moe_impl: str | None = None):
+    """MLA only: (x, (c_kv, k_pe) with the new tokens written); see MLA.decode_in_place."""
+    h, cache = self.attn.decode_in_place(self.attn_norm(x), cos, sin, c_kv, k_pe, positions,
+                                         mask, attn_impl)
+    return self._ffn(x + h, moe_impl)[0], cache
+
   def _ffn(self, x, moe_impl) -> tuple[jax.Array, Routing | None]:
     h = self.ffn_norm(x)
     if self.use_moe:

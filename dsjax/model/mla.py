@@ -16,6 +16,7 @@ from dsjax.model.param import normal_param
 from dsjax.ops.attention import dot_product_attention
 from dsjax.ops.latent_attention import KeySegment, latent_attention
 from dsjax.ops.rope import apply_rope
+from dsjax.ops.linear import project
 
 
 class MLA(nnx.Module):
@@ -48,29 +49,29 @@ class MLA(nnx.Module):
   def project_queries(self, x, cos, sin) -> tuple[jax.Array, jax.Array]:
     """q_nope [B,T,N,H_nope] and rotated q_pe [B,T,N,R]."""
     if self.mla.q_lora_rank is None:
-      q = jnp.einsum("BTD,DNH->BTNH", x, self._w("wq"))
+      q = project(x, self._w("wq"))
     else:
-      q_latent = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x, self._w("wq_a")))
-      q = jnp.einsum("BTQ,QNH->BTNH", q_latent, self._w("wq_b"))
+      q_latent = self.q_norm(project(x, self._w("wq_a")))
+      q = project(q_latent, self._w("wq_b"))
     q_nope, q_pe = jnp.split(q, [self.mla.qk_nope_head_dim], axis=-1)
     return q_nope, apply_rope(q_pe, cos, sin, self.interleave)
 
   def project_latent(self, x, cos, sin) -> tuple[jax.Array, jax.Array]:
     """What the decode cache stores: normalised c_kv [B,T,C] and rotated k_pe [B,T,R]."""
-    kv = jnp.einsum("BTD,DC->BTC", x, self._w("wkv_a"))
+    kv = project(x, self._w("wkv_a"))
     c_kv, k_pe = jnp.split(kv, [self.mla.kv_lora_rank], axis=-1)
     k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.interleave)[:, :, 0, :]
     return self.kv_norm(c_kv), k_pe
 
   def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask) -> jax.Array:
     """Naive MLA attention: expand keys/values from the latent, then softmax attention."""
-    kv = jnp.einsum("BSC,CNH->BSNH", c_kv, self._w("wkv_b"))
+    kv = project(c_kv, self._w("wkv_b"))
     k_nope, v = jnp.split(kv, [self.mla.qk_nope_head_dim], axis=-1)
     k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:-1] + k_pe.shape[-1:])
     q = jnp.concatenate([q_nope, q_pe], axis=-1)
     k = jnp.concatenate([k_nope, k_pe], axis=-1)
     out = dot_product_attention(q, k, v, mask, self.scale)
-    return jnp.einsum("BTNH,NHD->BTD", out, self._w("wo"))
+    return project(out, self._w("wo"), 2)
 
   def __call__(self, x, cos, sin, mask) -> jax.Array:
     return self.prefill(x, cos, sin, mask)[0]
@@ -89,7 +90,23 @@ class MLA(nnx.Module):
     [B,1,T,T]). Returns (out [B,T,D], the new tokens' (c_kv, k_pe)) for the caller to store."""
     q_nope, q_pe = self.project_queries(x, cos, sin)
     c_kv, k_pe = self.project_latent(x, cos, sin)
-    segments = (cache, KeySegment(c_kv.astype(cache.c_kv.dtype), k_pe.astype(cache.k_pe.dtype),
-                                  new_mask))
+    new = KeySegment(c_kv.astype(cache.c_kv.dtype), k_pe.astype(cache.k_pe.dtype), new_mask)
+    return self._attend_latent(q_nope, q_pe, (cache, new), impl), (c_kv, k_pe)
+
+  def decode_in_place(self, x, cos, sin, c_kv, k_pe, positions, mask, impl: str = "absorb"
+                      ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Like `decode`, but the new tokens' latents are first written into the cache arrays
+    c_kv [B,S,C] and k_pe [B,S,R] at slots `positions` [B,T], and attention then reads the
+    cache alone (`mask` [B,1,T,S]: each query's visible slots, its own included). Returns
+    (out [B,T,D], the updated (c_kv, k_pe))."""
+    q_nope, q_pe = self.project_queries(x, cos, sin)
+    new_c, new_pe = self.project_latent(x, cos, sin)
+    rows = jnp.arange(x.shape[0])[:, None]
+    c_kv = c_kv.at[rows, positions].set(new_c.astype(c_kv.dtype))
+    k_pe = k_pe.at[rows, positions].set(new_pe.astype(k_pe.dtype))
+    out = self._attend_latent(q_nope, q_pe, (KeySegment(c_kv, k_pe, mask),), impl)
+    return out, (c_kv, k_pe)
+
+  def _attend_latent(self, q_nope, q_pe, segments, impl: str) -> jax.Array:
     out = latent_attention(q_nope, q_pe, segments, self._w("wkv_b"), self.scale, impl)
-    return jnp.einsum("BTNH,NHD->BTD", out, self._w("wo")), (c_kv, k_pe)
+    return project(out, self._w("wo"), 2)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.model.param import normal_param
+from dsjax.ops.linear import project
 
 
 class MLP(nnx.Module):
@@ -18,5 +19,5 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     w1, w3, w2 = (w[...].astype(self.dtype) for w in (self.w1, self.w3, self.w2))
-    h = jax.nn.silu(jnp.einsum("...D,DF->...F", x, w1)) * jnp.einsum("...D,DF->...F", x, w3)
-    return jnp.einsum("...F,FD->...D", h, w2)
+    h = jax.nn.silu(project(x, w1)) * project(x, w3)
+    return project(h, w2)

@@ -26,18 +26,75 @@ def _prepend_layers_axis(module: nnx.Module) -> None:
       variable.set_metadata(AXES, ("layers",) + tuple(variable.get_metadata()[AXES]))
 
 
+@jax.tree_util.register_pytree_node_class
+class PerLayer:
+  """A stacked parameter held as one array per layer (the inference layout, see
+  `unstack_layers`). An unrolled stack hands layer i its own buffer, where slicing [L,...]
+  weights by layer (scanned or unrolled) makes XLA copy every layer's weights on every call:
+  in decoding, where each step reads every weight once, that copy is most of the step."""
+
+  def __init__(self, arrays):
+    self.arrays = tuple(arrays)
+
+  def tree_flatten(self):
+    return self.arrays, None
+
+  @classmethod
+  def tree_unflatten(cls, _, arrays):
+    return cls(arrays)
+
+
+def _is_per_layer(a) -> bool:
+  return isinstance(a, PerLayer)
+
+
+def layer_slice(tree, i: int):
+  """Layer i of a tree of stacked [L,...] arrays and PerLayer parameters."""
+  return jax.tree.map(lambda a: a.arrays[i] if _is_per_layer(a) else a[i], tree,
+                      is_leaf=_is_per_layer)
+
+
+def per_layer(a: jax.Array) -> PerLayer:
+  """A stacked [L,...] array (or an abstract one) as L arrays."""
+  if isinstance(a, jax.ShapeDtypeStruct):
+    return PerLayer(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for _ in range(a.shape[0]))
+  return PerLayer(a[i] for i in range(a.shape[0]))
+
+
+def unstack_layers(state: nnx.State) -> nnx.State:
+  """A model state (nnx.split) whose layer stacks' [L,...] parameters are PerLayer arrays:
+  the layout for decoding, where every step reads all weights once (see PerLayer). Stacks
+  with this layout run unrolled; train with the stacked layout."""
+  def unstack(path, a):
+    in_stack = "blocks" in [getattr(k, "key", None) for k in path]
+    return per_layer(a) if in_stack else a
+  return jax.tree_util.tree_map_with_path(unstack, state)
+
+
 class LatentCache(NamedTuple):
   """The decode cache of a stack of MLA layers: normalised c_kv [L,B,S,C] and rotated shared
-  rope keys k_pe [L,B,S,R]; slot s holds the token at position s."""
+  rope keys k_pe [L,B,S,R] (or both PerLayer, L arrays [B,S,...]: the per-layer layout, see
+  LayerStack.decode); slot s holds the token at position s."""
   c_kv: jax.Array
   k_pe: jax.Array
+
+
+def cache_slots(cache: LatentCache) -> int:
+  """Slots S of a LatentCache, stacked [L,B,S,C] or PerLayer [B,S,C] per layer."""
+  c = cache.c_kv
+  return c.arrays[0].shape[1] if _is_per_layer(c) else c.shape[2]
 
 
 def write_slots(cache: LatentCache, new: LatentCache, positions: jax.Array) -> LatentCache:
   """`cache` [L,B,S,...] with new [L,B,T,...] written at slots positions int[B,T]."""
   rows = jnp.arange(positions.shape[0])[:, None]
-  return LatentCache(*(c.at[:, rows, positions].set(n.astype(c.dtype))
-                       for c, n in zip(cache, new)))
+
+  def write(c, n):
+    if _is_per_layer(c):
+      return PerLayer(a.at[rows, positions].set(n[i].astype(a.dtype))
+                      for i, a in enumerate(c.arrays))
+    return c.at[:, rows, positions].set(n.astype(c.dtype))
+  return LatentCache(*(write(c, n) for c, n in zip(cache, new)))
 
 
 def pad_slots(cache: LatentCache | None, slots: int, offset: int = 0) -> LatentCache | None:
@@ -113,17 +170,37 @@ class LayerStack(nnx.Module):
       return nnx.merge(graphdef, layer_state).decode(
           h, cos, sin, KeySegment(c_kv, k_pe, cache_mask), new_mask, attn_impl, moe_impl)
 
+    if _is_per_layer(cache.c_kv):
+      return self._decode_per_layer(x, cos, sin, cache, positions, attn_impl, moe_impl)
     x, (new_c, new_pe) = self._scan_layers(body, x, (state, cache.c_kv, cache.k_pe), scan)
     return x, write_slots(cache, LatentCache(new_c, new_pe), positions)
 
+  def _decode_per_layer(self, x, cos, sin, cache: LatentCache, positions, attn_impl, moe_impl):
+    """LayerStack.decode over a PerLayer LatentCache, unrolled: each layer first writes the
+    new tokens' latents into its own cache buffer (in place, the buffer being donated) and
+    then attends over that buffer alone, every slot up to the query's position. Reading a
+    buffer that is written later in the step, as the stacked path does, makes XLA copy it."""
+    graphdef, state = nnx.split(self.blocks)
+    slots = cache.c_kv.arrays[0].shape[1]
+    mask = (jnp.arange(slots) <= positions[:, :, None])[:, None]
+    c_kv, k_pe = [], []
+    for i in range(self.num_layers):
+      block = nnx.merge(graphdef, layer_slice(state, i))
+      x, (c, p) = block.decode_in_place(x, cos, sin, cache.c_kv.arrays[i], cache.k_pe.arrays[i],
+                                        positions, mask, attn_impl, moe_impl)
+      c_kv.append(c)
+      k_pe.append(p)
+    return x, LatentCache(PerLayer(c_kv), PerLayer(k_pe))
+
   def _scan_layers(self, body, x, layers, scan: bool | None):
     """body(h, one layer's slice of `layers`) -> (h, out) over the layers, scanned or
-    unrolled; outs stacked on axis 0."""
-    if self.scan if scan is None else scan:
+    unrolled (always unrolled with PerLayer parameters); outs stacked on axis 0."""
+    per_layer = any(map(_is_per_layer, jax.tree.leaves(layers, is_leaf=_is_per_layer)))
+    if (self.scan if scan is None else scan) and not per_layer:
       return jax.lax.scan(body, x, layers)
     outputs = []
     for i in range(self.num_layers):
-      x, out = body(x, jax.tree.map(lambda a, i=i: a[i], layers))
+      x, out = body(x, layer_slice(layers, i))
       outputs.append(out)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
 

@@ -10,12 +10,13 @@ from dsjax.config import ModelConfig
 from dsjax.model.mtp import MTPModule
 from dsjax.model.norm import RMSNorm
 from dsjax.model.param import normal_param
-from dsjax.model.stack import LatentCache, LayerStack, write_slots
+from dsjax.model.stack import LatentCache, LayerStack, cache_slots, write_slots
 from dsjax.ops.attention import attention_mask, decode_masks
 from dsjax.ops.latent_attention import KeySegment
 from dsjax.ops.nsa_decode import NSACache
 from dsjax.ops.rope import rope_cos_sin
 from dsjax.ops.routing import Routing
+from dsjax.ops.linear import project
 
 
 class ModelOutput(NamedTuple):
@@ -57,7 +58,7 @@ class Transformer(nnx.Module):
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     head = self.embed[...].T if self.head is None else self.head[...]
-    return jnp.einsum("BTD,DV->BTV", hidden, head.astype(self.config.dtype))
+    return project(hidden, head.astype(self.config.dtype))
 
   def _rope_and_mask(self, positions, segment_ids):
     cos, sin = rope_cos_sin(positions, self.config.rope, self.config.rope_dim)
@@ -124,7 +125,7 @@ class Transformer(nnx.Module):
     if self.config.attention == "nsa":
       cache_mask = new_mask = None
     else:
-      slots = (cache.dense or cache.moe).c_kv.shape[2]
+      slots = cache_slots(cache.dense or cache.moe)
       cache_mask, new_mask = decode_masks(positions, slots)
     x = self.embed_tokens(input_ids)
     stacks = {}

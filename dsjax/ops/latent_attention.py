@@ -24,7 +24,7 @@ ATTN_IMPLS = ("absorb", "naive")
 
 
 class KeySegment(NamedTuple):
-  """c_kv [B,S,C], k_pe [B,S,R] and mask bool broadcastable to [B,N,T,S]."""
+  """c_kv [B,S,C], k_pe [B,S,R] and mask bool [B,1,T,S] (or [B,N,T,S])."""
   c_kv: jax.Array
   k_pe: jax.Array
   mask: jax.Array
@@ -32,23 +32,23 @@ class KeySegment(NamedTuple):
 
 def _logits(q_nope, q_pe, segment: KeySegment, w_uk, absorb: bool) -> jax.Array:
   f32 = jnp.float32
-  rope = jnp.einsum("BTNR,BSR->BNTS", q_pe, segment.k_pe, preferred_element_type=f32)
+  rope = jnp.einsum("BTNR,BSR->BTNS", q_pe, segment.k_pe, preferred_element_type=f32)
   if absorb:
     q_latent = jnp.einsum("BTNH,CNH->BTNC", q_nope, w_uk)
-    nope = jnp.einsum("BTNC,BSC->BNTS", q_latent, segment.c_kv, preferred_element_type=f32)
+    nope = jnp.einsum("BTNC,BSC->BTNS", q_latent, segment.c_kv, preferred_element_type=f32)
   else:
     k_nope = jnp.einsum("BSC,CNH->BSNH", segment.c_kv, w_uk)
-    nope = jnp.einsum("BTNH,BSNH->BNTS", q_nope, k_nope, preferred_element_type=f32)
+    nope = jnp.einsum("BTNH,BSNH->BTNS", q_nope, k_nope, preferred_element_type=f32)
   return nope + rope
 
 
 def _values(probs, segment: KeySegment, w_uv, absorb: bool) -> jax.Array:
   probs = probs.astype(segment.c_kv.dtype)
   if absorb:
-    out_latent = jnp.einsum("BNTS,BSC->BTNC", probs, segment.c_kv)
+    out_latent = jnp.einsum("BTNS,BSC->BTNC", probs, segment.c_kv)
     return jnp.einsum("BTNC,CNH->BTNH", out_latent, w_uv)
   v = jnp.einsum("BSC,CNH->BSNH", segment.c_kv, w_uv)
-  return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+  return jnp.einsum("BTNS,BSNH->BTNH", probs, v)
 
 
 def latent_attention(q_nope: jax.Array, q_pe: jax.Array, segments: Sequence[KeySegment],
@@ -63,7 +63,9 @@ def latent_attention(q_nope: jax.Array, q_pe: jax.Array, segments: Sequence[KeyS
   absorb = impl == "absorb"
   w_uk, w_uv = jnp.split(wkv_b, [q_nope.shape[-1]], axis=-1)
   logits = [_logits(q_nope, q_pe, s, w_uk, absorb) * scale for s in segments]
-  masks = [jnp.broadcast_to(s.mask, l.shape) for s, l in zip(segments, logits)]
+  # Logits are laid out [B,T,N,S], (T,N) being the rows of one matmul per batch row.
+  masks = [jnp.broadcast_to(jnp.swapaxes(s.mask, 1, 2), l.shape)
+           for s, l in zip(segments, logits)]
   logits = jnp.concatenate(logits, axis=-1)
   mask = jnp.concatenate(masks, axis=-1)
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)

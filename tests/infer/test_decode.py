@@ -11,21 +11,27 @@ from flax import nnx
 
 import dsjax
 from dsjax.infer import Generator, bytes_per_token_per_layer, cache_ratio
-from dsjax.infer.generation import compiled_steps
+from dsjax.infer.generation import _per_layer_cache, compiled_steps
 from dsjax.infer.cache import pad_slots
+from dsjax.model.stack import PerLayer, unstack_layers
 from dsjax.model.transformer import DecodeCache
 from tests.model_fixtures import forward, randomized_model, tiny_config, tokens
 
 PROMPT, TOTAL, SLOTS = 9, 21, 32
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "step"))
-def _prefill_then_decode(graphdef, state, ids, *, attn_impl: str, step: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "step", "layout"))
+def _prefill_then_decode(graphdef, state, ids, *, attn_impl: str, step: int,
+                         layout: str = "stacked"):
   """Logits [B,TOTAL-PROMPT,V] of tokens PROMPT.. computed by prefilling ids[:, :PROMPT] and
-  then decoding `step` tokens per call, plus the final cache."""
+  then decoding `step` tokens per call, plus the final cache. layout "per_layer": decoding
+  with PerLayer weights and cache buffers (the Generator's default)."""
   model = nnx.merge(graphdef, state)
   _, latents = model.prefill(ids[:, :PROMPT])
   cache = DecodeCache(pad_slots(latents.dense, SLOTS), pad_slots(latents.moe, SLOTS), None)
+  if layout == "per_layer":
+    model = nnx.merge(graphdef, unstack_layers(state))
+    cache = _per_layer_cache(cache)
   b = ids.shape[0]
   outputs = []
   for start in range(PROMPT, TOTAL, step):
@@ -46,12 +52,27 @@ def reference(model):
   return ids, np.asarray(forward(model, ids).logits)
 
 
+@pytest.mark.parametrize("layout", ["stacked", "per_layer"])
 @pytest.mark.parametrize("attn_impl,step", [("absorb", 1), ("naive", 1), ("absorb", 3)])
-def test_prefill_and_decode_equal_the_full_forward(model, reference, attn_impl, step):
+def test_prefill_and_decode_equal_the_full_forward(model, reference, attn_impl, step, layout):
   ids, full = reference
   graphdef, state = nnx.split(model)
-  logits, _ = _prefill_then_decode(graphdef, state, ids, attn_impl=attn_impl, step=step)
+  logits, cache = _prefill_then_decode(graphdef, state, ids, attn_impl=attn_impl, step=step,
+                                       layout=layout)
   np.testing.assert_allclose(np.asarray(logits), full[:, PROMPT:], atol=1e-4, rtol=1e-4)
+  assert isinstance(cache.moe.c_kv, PerLayer) == (layout == "per_layer")
+
+
+def test_per_layer_cache_holds_the_stacked_cache(model, reference):
+  """Both layouts write the same latents to the same slots."""
+  ids, _ = reference
+  graphdef, state = nnx.split(model)
+  _, stacked = _prefill_then_decode(graphdef, state, ids, attn_impl="absorb", step=1)
+  _, per_layer = _prefill_then_decode(graphdef, state, ids, attn_impl="absorb", step=1,
+                                      layout="per_layer")
+  for name in ("dense", "moe"):
+    for a, b in zip(getattr(stacked, name), getattr(per_layer, name)):
+      np.testing.assert_allclose(np.asarray(a), np.stack(b.arrays), atol=1e-5)
 
 
 def test_absorbed_equals_naive_decode(model, reference):
@@ -66,8 +87,9 @@ def test_absorbed_equals_naive_decode(model, reference):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["stacked", "per_layer"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cache_bytes_per_token_per_layer_are_latent_plus_rope(dtype):
+def test_cache_bytes_per_token_per_layer_are_latent_plus_rope(dtype, layout):
   cfg = tiny_config(dtype=dtype, num_mtp_layers=1)
   model = nnx.eval_shape(lambda: dsjax.Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
@@ -76,11 +98,13 @@ def test_cache_bytes_per_token_per_layer_are_latent_plus_rope(dtype):
   prefill = compiled_steps(graphdef).prefill
   _, _, cache = jax.eval_shape(
       lambda s, i, n: prefill(s, i, n, jax.random.key(0), slots=128,
-                              sampling=dsjax.infer.SamplingParams(), moe_impl=None, draft=True),
+                              sampling=dsjax.infer.SamplingParams(), moe_impl=None, draft=True,
+                              layout=layout),
       state, ids, lengths)
   expected = (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
   assert bytes_per_token_per_layer(cache) == expected
-  layers = sum(c.c_kv.shape[0] for c in (cache.dense, cache.moe, cache.mtp))
+  layers = sum(len(c.c_kv.arrays) if isinstance(c.c_kv, PerLayer) else c.c_kv.shape[0]
+               for c in (cache.dense, cache.moe, cache.mtp))
   assert layers == cfg.num_hidden_layers + 1  # every MLA layer, the MTP module's included
   total = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
   assert total == expected * layers * 3 * 128

@@ -37,11 +37,12 @@ def checkpoint(request, tmp_path_factory):
   return torch_model, dsjax.load_hf_checkpoint(path)
 
 
-def test_greedy_matches_transformers_generate(checkpoint):
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
+def test_greedy_matches_transformers_generate(checkpoint, layout):
   torch_model, model = checkpoint
   prompts = _prompts(model.config.vocab_size)
   expected = [_transformers_greedy(torch_model, p) for p in prompts]
-  got = dsjax.generate(model, prompts, max_new_tokens=NEW_TOKENS)
+  got = dsjax.generate(model, prompts, max_new_tokens=NEW_TOKENS, layout=layout)
   assert [len(t) for t in got] == [NEW_TOKENS] * len(prompts)
   for row, (a, b) in enumerate(zip(got, expected)):
     assert a == b, f"row {row} (prompt length {len(prompts[row])}): {a} vs {b}"
@@ -90,3 +91,9 @@ def test_bad_requests_say_what_to_change(checkpoint, request_args, message):
   with pytest.raises(ValueError) as error:
     Generator(model).generate(**args)
   assert message in str(error.value)
+
+
+def test_unknown_layout_says_what_to_change(checkpoint):
+  _, model = checkpoint
+  with pytest.raises(ValueError, match="layout='rows'; use one of"):
+    Generator(model, layout="rows")
