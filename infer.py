@@ -27,6 +27,9 @@ flags.DEFINE_float("top_p", None, "Nucleus sampling: keep tokens holding this mu
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("speculative", False, "MTP speculative decoding (greedy; needs an MTP module).")
 flags.DEFINE_enum("attn_impl", "absorb", ["absorb", "naive"], "Decode attention implementation.")
+flags.DEFINE_enum("layout", "per_layer", ["per_layer", "stacked"],
+                  "Weights and cache per layer (fastest decoding) or stacked [L,...] with the "
+                  "layers scanned (faster compilation for very deep models, no weight copy).")
 flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
                   "Dtype of a HuggingFace checkpoint's weights and compute (auto: its "
                   "config.json torch_dtype).")
@@ -69,7 +72,9 @@ def run() -> None:
   ids = [cli_io.encode_prompt(tokenizer, p, template) for p in prompts]
   stream = cli_io.TextStream(tokenizer, eos_id) if FLAGS.prompt is not None else None
   on_tokens = (lambda row, new: stream.add(new)) if stream is not None else None
-  result = Generator(model, attn_impl=FLAGS.attn_impl).generate(
+  generator = Generator(model, attn_impl=FLAGS.attn_impl, layout=FLAGS.layout)
+  del model  # the per-layer layout holds its own copy of the layer weights
+  result = generator.generate(
       ids, FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.seed,
       eos_id, speculative, on_tokens=on_tokens)
   if stream is not None:

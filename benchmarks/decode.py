@@ -35,7 +35,9 @@ torch's default thread count.
   python benchmarks/decode.py [--batch 8 --prompt 512 --new 128 --hidden 512 --layers 6
                                --experts 16 --topk 4 --repeats 3 --rows absorb,torch]
   (--rows absorb,naive,torch adds dsjax's expanded-K/V attention, about 2x slower to decode
-  than absorb. The defaults take 3-4 minutes on a 2-core CPU.)
+  than absorb; --rows absorb,stacked,torch adds the Generator's stacked layout, whose decode
+  step scans the [L,...] weights and cache instead of reading per-layer buffers. The defaults
+  take 2-4 minutes on a 2-core CPU.)
 """
 
 import argparse
@@ -51,7 +53,7 @@ import time
 
 import numpy as np
 
-ROWS = ("absorb", "naive", "torch")
+ROWS = ("absorb", "stacked", "naive", "torch")
 RESULT_TAG = "RESULT "
 
 
@@ -62,11 +64,13 @@ def parse_args():
                         ("repeats", 3)):
     parser.add_argument(f"--{name}", type=int, default=default)
   parser.add_argument("--rows", default="absorb,torch",
-                      help=f"comma-separated, some of {ROWS} (absorb/naive: dsjax attn_impl)")
+                      help=f"comma-separated, some of {ROWS} (absorb/naive: dsjax attn_impl, "
+                           "per-layer layout; stacked: absorb with the stacked layout)")
   parser.add_argument("--moe-impl", default=None, help="dsjax MoE dispatch (default: config's)")
   parser.add_argument("--only", choices=("dsjax", "torch"), default=None,
                       help="internal: be one side's worker, commanded through stdin")
   parser.add_argument("--attn-impl", default="absorb", help="internal, with --only dsjax")
+  parser.add_argument("--layout", default="per_layer", help="internal, with --only dsjax")
   parser.add_argument("--checkpoint", default=None, help="internal, with --only")
   return parser.parse_args()
 
@@ -103,7 +107,8 @@ def dsjax_side(args):
   from dsjax.model.moe import resolve_impl
 
   model = dsjax.load_hf_checkpoint(args.checkpoint)
-  generator = Generator(model, attn_impl=args.attn_impl, moe_impl=args.moe_impl)
+  generator = Generator(model, attn_impl=args.attn_impl, moe_impl=args.moe_impl,
+                        layout=args.layout)
   impl = args.moe_impl or model.config.moe.impl
   moe = (f"{resolve_impl(impl, model.config.moe, args.batch * args.prompt)} in prefill, "
          f"{resolve_impl(impl, model.config.moe, args.batch)} in decode")
@@ -119,7 +124,7 @@ def dsjax_side(args):
     extras = {"compile_s": getattr(result, "compile_seconds", None)}
     return result.tokens, result.prefill_seconds, stamps, result.cache_bytes, extras
 
-  return (generate, f"dsjax (jit, attn={args.attn_impl}, moe={moe})",
+  return (generate, f"dsjax (jit, attn={args.attn_impl}, {args.layout} layout, moe={moe})",
           f"jax {jax.__version__} ({jax.default_backend()})")
 
 
@@ -211,7 +216,8 @@ class Worker:
   def __init__(self, args, row: str, checkpoint: str, log):
     side = "torch" if row == "torch" else "dsjax"
     command = [sys.executable, os.path.abspath(__file__), "--only", side, "--checkpoint",
-               checkpoint, "--attn-impl", row if side == "dsjax" else "absorb"]
+               checkpoint, "--attn-impl", "naive" if row == "naive" else "absorb",
+               "--layout", "stacked" if row == "stacked" else "per_layer"]
     for name in ("batch", "prompt", "new", "vocab"):
       command += [f"--{name}", str(getattr(args, name))]
     if args.moe_impl:
