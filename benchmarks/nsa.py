@@ -76,7 +76,8 @@ def nsa_attention(q, k, v, cfg: NSAConfig, chunk: int, scale: float, select_impl
   k_cmp = nsa_ops.block_windows(k, cfg.compress_block, cfg.compress_stride).mean(axis=3)
   v_cmp = nsa_ops.block_windows(v, cfg.compress_block, cfg.compress_stride).mean(axis=3)
 
-  def select(qc, kc, vc, indices, offset):
+  def select(qc, kc, vc, indices, offset, starts):
+    del starts  # one sequence per row
     if select_impl == "pallas":
       return selected_attention(qc, kc, vc, indices, cfg.select_block, scale)
     return selected_attention_gather(qc, kc, vc, indices, cfg.select_block, scale,

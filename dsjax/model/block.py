@@ -33,10 +33,10 @@ class Block(nnx.Module):
 
   def __call__(self, x, cos, sin, mask, moe_impl: str | None = None
                ) -> tuple[jax.Array, Routing | None]:
+    """`mask`: MLA's bool [B,1,T,S]; for NSA, the tokens' document starts int[B,T] in a
+    packed row (dsjax.ops.nsa.document_starts), or None for one sequence per row."""
     if isinstance(self.attn, NSAttention):
-      # NSA is causal over the whole row: packed documents see their predecessors (the mask,
-      # which would separate them, applies to MLA only).
-      return self._ffn(x + self.attn(self.attn_norm(x), cos, sin), moe_impl)
+      return self._ffn(x + self.attn(self.attn_norm(x), cos, sin, starts=mask), moe_impl)
     return self._ffn(x + self.attn(self.attn_norm(x), cos, sin, mask), moe_impl)
 
   def prefill(self, x, cos, sin, mask, moe_impl: str | None = None, lengths=None,

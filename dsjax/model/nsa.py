@@ -96,30 +96,34 @@ class NSAttention(nnx.Module):
     mixed = jnp.einsum("CBTNH,BTNC->BTNH", outs, gates).astype(self.dtype)
     return jnp.einsum("BTNH,NHD->BTD", mixed, self.wo[...].astype(self.dtype))
 
-  def branches(self, x, cos, sin, select_impl: str | None = None):
+  def branches(self, x, cos, sin, select_impl: str | None = None, starts=None):
     """The three branch outputs [3,B,T,N,Hv] (float32), the gates [B,T,N,3] and the selected
-    block indices int32[B,T,KV,n]."""
+    block indices int32[B,T,KV,n]. starts: document starts int[B,T] of packed rows
+    (dsjax.ops.nsa.document_starts; None: one sequence per row)."""
     x, q, k, v = self._project(x, cos, sin)
-    return self._branches(x, q, k, v, self._compress(k[0], v[0]), select_impl)
+    return self._branches(x, q, k, v, self._compress(k[0], v[0]), select_impl, starts)
 
-  def _branches(self, x, q, k, v, compressed, select_impl):
+  def _branches(self, x, q, k, v, compressed, select_impl, starts=None):
     cfg = self.nsa
     scale = cfg.head_dim ** -0.5
     k_cmp, v_cmp = compressed
-    if resolve_select_impl(select_impl or cfg.select_impl) == "pallas":
-      def select(q, k, v, indices, offset):
-        del offset  # one chunk: the whole sequence
+    # The Pallas kernels mask causally only; packed rows (document starts) take the gather
+    # path, which also masks the keys before each query's document.
+    if resolve_select_impl(select_impl or cfg.select_impl) == "pallas" and starts is None:
+      def select(q, k, v, indices, offset, starts):
+        del offset, starts  # one chunk: the whole sequence, one document per row
         return nsa_kernels.selected_attention(q, k, v, indices, cfg.select_block, scale,
                                               interpret=jax.default_backend() == "cpu")
     else:
-      def select(q, k, v, indices, offset):
+      def select(q, k, v, indices, offset, starts):
         return selected_attention_gather(q, k, v, indices, cfg.select_block, scale,
-                                         query_offset=offset)
-    outs, indices = nsa_ops.branch_outputs(q, k[1:], v[1:], k_cmp, v_cmp, cfg, scale, select)
+                                         query_offset=offset, key_start=starts)
+    outs, indices = nsa_ops.branch_outputs(q, k[1:], v[1:], k_cmp, v_cmp, cfg, scale, select,
+                                           starts=starts)
     return outs, self._gates(x), indices
 
-  def __call__(self, x, cos, sin, select_impl: str | None = None) -> jax.Array:
-    outs, gates, _ = self.branches(x, cos, sin, select_impl)
+  def __call__(self, x, cos, sin, select_impl: str | None = None, starts=None) -> jax.Array:
+    outs, gates, _ = self.branches(x, cos, sin, select_impl, starts)
     return self._mix(outs, gates)
 
   def prefill(self, x, cos, sin, lengths=None, slots: int | None = None

@@ -13,6 +13,7 @@ from dsjax.model.param import normal_param
 from dsjax.model.stack import LatentCache, LayerStack, cache_slots, write_slots
 from dsjax.ops.attention import attention_mask, decode_masks
 from dsjax.ops.latent_attention import KeySegment
+from dsjax.ops.nsa import document_starts
 from dsjax.ops.nsa_decode import NSACache
 from dsjax.ops.rope import rope_cos_sin
 from dsjax.ops.routing import Routing
@@ -61,7 +62,12 @@ class Transformer(nnx.Module):
     return project(hidden, head.astype(self.config.dtype))
 
   def _rope_and_mask(self, positions, segment_ids):
+    """cos, sin and what keeps attention inside a packed sequence: MLA's bool mask
+    [B,1,T,T]; NSA's document starts int[B,T] (None without segment_ids), its branches
+    being causal by construction."""
     cos, sin = rope_cos_sin(positions, self.config.rope, self.config.rope_dim)
+    if self.config.attention == "nsa":
+      return cos, sin, None if segment_ids is None else document_starts(segment_ids)
     return cos, sin, attention_mask(positions, positions, segment_ids, segment_ids)
 
   @staticmethod

@@ -9,6 +9,12 @@ kv head n // G. Three branches, all causal:
     as in Eq. 10), the first block and the 2 local blocks always chosen;
   * sliding window: attention over the last w tokens.
 A query with no visible key in a branch gets 0 from it (as fla-core's references).
+
+Packed rows: `starts` int[B,T] (see `document_starts`), where given, is the row index at which
+each query's document begins. No branch then reads a key before it: compressed blocks must lie
+wholly inside the document, selection candidates begin at the document's first block (which
+takes the place of block 0 as the always-chosen initial block) and tokens of a selected block
+before the start are masked, and the window stops at the start.
 """
 
 import functools
@@ -53,24 +59,37 @@ def grouped_attention(q, k, v, allowed, scale: float) -> tuple[jax.Array, jax.Ar
   return o.reshape(*lead, t, n, v.shape[-1]), probs
 
 
+def document_starts(segment_ids: jax.Array) -> jax.Array:
+  """segment_ids int[B,T] of packed documents (each a contiguous run) -> int32[B,T]: the row
+  index where each token's document begins."""
+  t = segment_ids.shape[-1]
+  index = jnp.arange(t, dtype=jnp.int32)
+  boundary = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool),
+                              segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+  return jax.lax.cummax(jnp.where(boundary, index, 0), axis=segment_ids.ndim - 1)
+
+
 def query_positions(t: int, query_offset=0) -> jax.Array:
   """int32 [T]: the positions query_offset .. query_offset+T-1 (the offset may be traced)."""
   return query_offset + jnp.arange(t, dtype=jnp.int32)
 
 
-def compression_visible(positions, c: int, length: int, stride: int) -> jax.Array:
+def compression_visible(positions, c: int, length: int, stride: int, starts=None
+                        ) -> jax.Array:
   """Queries at positions int[...,T] -> bool [...,T,C]: compressed block i is visible to a
-  query when its last token i*d + l - 1 is at or before the query's position."""
-  last = jnp.arange(c, dtype=jnp.int32) * stride + length - 1
-  return last <= jnp.asarray(positions)[..., None]
+  query when its last token i*d + l - 1 is at or before the query's position (and, with
+  document starts int[...,T], its first token i*d at or after the query's start)."""
+  first = jnp.arange(c, dtype=jnp.int32) * stride
+  visible = first + length - 1 <= jnp.asarray(positions)[..., None]
+  return visible if starts is None else visible & (first >= starts[..., None])
 
 
 def compression_attention(q, k_cmp, v_cmp, length: int, stride: int, scale: float,
-                          positions=None):
+                          positions=None, starts=None):
   """q [B,T,N,H] at positions int[T] or [B,T] (default 0..T-1), compressed keys/values
-  [B,C,KV,*] -> (o [B,T,N,Hv], probs [B,T,N,C])."""
+  [B,C,KV,*] -> (o [B,T,N,Hv], probs [B,T,N,C]). starts: document starts int[B,T]."""
   positions = query_positions(q.shape[1]) if positions is None else positions
-  allowed = compression_visible(positions, k_cmp.shape[1], length, stride)
+  allowed = compression_visible(positions, k_cmp.shape[1], length, stride, starts)
   return grouped_attention(q, k_cmp, v_cmp, allowed, scale)
 
 
@@ -123,17 +142,19 @@ def selection_scores(probs, kv_heads: int, length: int, stride: int, block: int,
 
 
 def select_blocks(scores, top_n: int, block: int, num_initial: int = 1,
-                  num_local: int = 2, positions=None) -> jax.Array:
+                  num_local: int = 2, positions=None, starts=None) -> jax.Array:
   """Importance [B,T,KV,S_all] of the queries at positions int[T] or [B,T] (default 0..T-1;
   may be traced) -> int32 block indices [B,T,KV,top_n], -1 where fewer blocks exist. Only
   blocks j <= position // l' are candidates; the first `num_initial` blocks and the
-  `num_local` blocks ending at the query's own block are always chosen."""
+  `num_local` blocks ending at the query's own block are always chosen. With document starts
+  int[B,T], candidates begin at the block holding the start, the first of the document."""
   t, num_blocks = scores.shape[1], scores.shape[-1]
   positions = query_positions(t) if positions is None else jnp.asarray(positions)
   own = (positions // block)[..., None, None]
+  first = 0 if starts is None else (starts // block)[..., None, None]
   j = jnp.arange(num_blocks, dtype=jnp.int32)
-  causal = j <= own
-  forced = causal & ((j < num_initial) | (j > own - num_local))
+  causal = (j <= own) & (j >= first)
+  forced = causal & ((j < first + num_initial) | (j > own - num_local))
   ranked = jnp.where(forced, jnp.inf, jnp.where(causal, scores, -jnp.inf))
   k = min(top_n, num_blocks)
   top, index = jax.lax.top_k(ranked, k)
@@ -143,11 +164,12 @@ def select_blocks(scores, top_n: int, block: int, num_initial: int = 1,
   return index
 
 
-def window_blocks(q, k_ext, v_ext, first_position, window: int, block: int, scale: float):
+def window_blocks(q, k_ext, v_ext, first_position, window: int, block: int, scale: float,
+                  starts=None):
   """Sliding-window attention in blocks: q [B,n*block,N,H] at positions first_position..
   (may be traced), k_ext / v_ext [B,(n+m)*block,KV,*] at positions first_position - m*block..
   with m = ceil(window / block) (negative positions are padding). Query block i reads only key
-  blocks i..i+m: O(T*(w+block)) work."""
+  blocks i..i+m: O(T*(w+block)) work. starts: the queries' document starts int[B,n*block]."""
   b, t = q.shape[:2]
   n, m = t // block, -(-window // block)
   qc = q.reshape(b, n, block, *q.shape[2:])
@@ -157,20 +179,23 @@ def window_blocks(q, k_ext, v_ext, first_position, window: int, block: int, scal
   key_pos = (first_position - m * block + jnp.arange(n)[:, None] * block
              + jnp.arange((m + 1) * block)[None, :])
   distance = query_pos[:, :, None] - key_pos[:, None, :]
-  allowed = (distance >= 0) & (distance < window) & (key_pos[:, None, :] >= 0)
-  o, _ = grouped_attention(qc, reach(k_ext), reach(v_ext), allowed[None], scale)
+  allowed = ((distance >= 0) & (distance < window) & (key_pos[:, None, :] >= 0))[None]
+  if starts is not None:
+    allowed = allowed & (key_pos[None, :, None, :] >= starts.reshape(b, n, block)[..., None])
+  o, _ = grouped_attention(qc, reach(k_ext), reach(v_ext), allowed, scale)
   return o.reshape(b, t, *o.shape[3:])
 
 
-def sliding_window_attention(q, k, v, window: int, scale: float) -> jax.Array:
-  """Each query t attends to keys t - w < s <= t, in blocks of w queries that each read their
-  own and the previous block's keys: O(T*2w), not O(T^2)."""
+def sliding_window_attention(q, k, v, window: int, scale: float, starts=None) -> jax.Array:
+  """Each query t attends to keys t - w < s <= t (and s >= its document start, with starts
+  int[B,T]), in blocks of w queries that each read their own and the previous block's keys:
+  O(T*2w), not O(T^2)."""
   t = q.shape[1]
   block = min(window, t)
   n, m = -(-t // block), -(-window // block)
   pad = lambda x, front: jnp.pad(x, [(0, 0), (front, n * block - t)] + [(0, 0)] * (x.ndim - 2))
   return window_blocks(pad(q, 0), pad(k, m * block), pad(v, m * block), 0, window, block,
-                       scale)[:, :t]
+                       scale, None if starts is None else pad(starts, 0))[:, :t]
 
 
 def window_attention(q, k, v, q_positions, k_positions, window: int, scale: float):
@@ -182,19 +207,23 @@ def window_attention(q, k, v, q_positions, k_positions, window: int, scale: floa
   return grouped_attention(q, k, v, allowed, scale)[0]
 
 
-def compression_and_selection(q, k_cmp, v_cmp, positions, num_keys: int, nsa, scale: float):
+def compression_and_selection(q, k_cmp, v_cmp, positions, num_keys: int, nsa, scale: float,
+                              starts=None):
   """Compression-branch output [B,T,N,Hv] (float32) and selected block indices int32[B,T,KV,n]
-  of the queries q [B,T,N,H] at positions int[T] or [B,T], over compressed keys/values
-  [B,C,KV,*] of a sequence (or a decode cache) of `num_keys` tokens."""
+  of the queries q [B,T,N,H] at positions int[T] or [B,T] (document starts int[B,T] or
+  None), over compressed keys/values [B,C,KV,*] of a sequence (or a decode cache) of
+  `num_keys` tokens."""
   length, stride, block = nsa.compress_block, nsa.compress_stride, nsa.select_block
   if k_cmp.shape[1]:
-    o_cmp, probs = compression_attention(q, k_cmp, v_cmp, length, stride, scale, positions)
+    o_cmp, probs = compression_attention(q, k_cmp, v_cmp, length, stride, scale, positions,
+                                         starts)
   else:  # the sequence is shorter than one compressed block
     o_cmp = jnp.zeros(q.shape[:3] + (v_cmp.shape[-1],), jnp.float32)
     probs = jnp.zeros(q.shape[:3] + (0,), jnp.float32)
   scores = selection_scores(jax.lax.stop_gradient(probs), nsa.num_kv_heads, length, stride,
                             block, num_blocks=-(-num_keys // block))
-  return o_cmp, select_blocks(scores, nsa.num_selected, block, positions=positions)
+  return o_cmp, select_blocks(scores, nsa.num_selected, block, positions=positions,
+                             starts=starts)
 
 
 def _stack_branches(*outputs) -> jax.Array:
@@ -202,13 +231,14 @@ def _stack_branches(*outputs) -> jax.Array:
 
 
 def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
-                   query_chunk: int | None = None, stages: int = 16):
+                   query_chunk: int | None = None, stages: int = 16, starts=None):
   """The three NSA branches for queries q [B,T,N,H].
 
   keys / values: the selection and window branches' [2,B,T,KV,*]; k_cmp / v_cmp: the
-  compressed keys/values [B,C,KV,*]; nsa: an NSAConfig; select(q, k, v, indices, offset):
-  selected attention of the queries at positions offset.. (offset may be traced) over all
-  keys. With `query_chunk`, queries are processed by lax.scans over chunks of that many, each
+  compressed keys/values [B,C,KV,*]; nsa: an NSAConfig; select(q, k, v, indices, offset,
+  starts): selected attention of the queries at positions offset.. (offset may be traced;
+  starts their document starts or None) over all keys. starts: document starts int[B,T] of a
+  packed row (None: one sequence per row). With `query_chunk`, queries are processed by lax.scans over chunks of that many, each
   chunk recomputed in the backward pass (jax.checkpoint), so memory is bounded by one chunk's
   working set at any sequence length. A chunk gathers only its selected blocks and reads only
   the keys its windows reach; the chunks are split into `stages` consecutive scans, each
@@ -218,9 +248,9 @@ def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
   t = q.shape[1]
   if not query_chunk or query_chunk >= t:
     o_cmp, indices = compression_and_selection(q, k_cmp, v_cmp, query_positions(t), t, nsa,
-                                                scale)
-    o_slc = select(q, keys[0], values[0], indices, 0)
-    o_win = sliding_window_attention(q, keys[1], values[1], nsa.window, scale)
+                                                scale, starts)
+    o_slc = select(q, keys[0], values[0], indices, 0, starts)
+    o_win = sliding_window_attention(q, keys[1], values[1], nsa.window, scale, starts)
     return _stack_branches(o_cmp, o_slc, o_win), indices
   chunks = -(-t // query_chunk)
   padded = chunks * query_chunk
@@ -230,18 +260,21 @@ def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
   # visible to one) and padded queries' outputs are dropped. Window keys are padded in front
   # too, so that chunk [o, o+c) reads the slice [o, o+c+front) = positions o-front .. o+c-1.
   pad = lambda x, first=0: jnp.pad(x, [(0, 0), (first, padded - t)] + [(0, 0)] * (x.ndim - 2))
-  q_chunks = jnp.moveaxis(pad(q).reshape(q.shape[0], chunks, query_chunk, *q.shape[2:]), 1, 0)
+  to_chunks = lambda x: jnp.moveaxis(
+      pad(x).reshape(x.shape[0], chunks, query_chunk, *x.shape[2:]), 1, 0)
+  q_chunks = to_chunks(q)
+  start_chunks = None if starts is None else to_chunks(starts)
   k_slc, v_slc = pad(keys[0]), pad(values[0])
   k_win, v_win = pad(keys[1], front), pad(values[1], front)
 
-  def chunk(k_cmp, v_cmp, index, qc):
+  def chunk(k_cmp, v_cmp, index, qc, sc):
     offset = index * query_chunk
     positions = query_positions(query_chunk, offset)
     o_cmp, indices = compression_and_selection(qc, k_cmp, v_cmp, positions, padded, nsa,
-                                                scale)
-    o_slc = select(qc, k_slc, v_slc, indices, offset)
+                                                scale, sc)
+    o_slc = select(qc, k_slc, v_slc, indices, offset, sc)
     reach = lambda x: jax.lax.dynamic_slice_in_dim(x, offset, query_chunk + front, axis=1)
-    o_win = window_blocks(qc, reach(k_win), reach(v_win), offset, w, block, scale)
+    o_win = window_blocks(qc, reach(k_win), reach(v_win), offset, w, block, scale, sc)
     return _stack_branches(o_cmp, o_slc, o_win), indices
 
   results = []
@@ -250,8 +283,9 @@ def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
     visible = min(num_compressed_blocks(last * query_chunk, nsa.compress_block,
                                         nsa.compress_stride), k_cmp.shape[1])
     body = jax.checkpoint(functools.partial(chunk, k_cmp[:, :visible], v_cmp[:, :visible]))
-    _, out = jax.lax.scan(lambda carry, xs, body=body: (carry, body(*xs)), None,
-                          (jnp.arange(first, last, dtype=jnp.int32), q_chunks[first:last]))
+    xs = (jnp.arange(first, last, dtype=jnp.int32), q_chunks[first:last],
+          None if start_chunks is None else start_chunks[first:last])
+    _, out = jax.lax.scan(lambda carry, xs, body=body: (carry, body(*xs)), None, xs)
     results.append(out)
   outs, indices = (jnp.concatenate(parts) for parts in zip(*results))
   unchunk = lambda x, axis: jnp.moveaxis(x, 0, axis).reshape(

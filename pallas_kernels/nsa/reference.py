@@ -74,17 +74,20 @@ def selected_attention_reference(q, k, v, block_indices, block_size: int, scale=
 
 
 def gather_selected(x: jax.Array, block_indices: jax.Array, block_size: int,
-                    query_offset: int = 0):
+                    query_offset: int = 0, key_start=None):
   """x [B,T,H,E], block_indices [B,Tq,H,S] of the queries at positions query_offset ..
   query_offset+Tq-1 -> (the selected tokens [B,Tq,H,S*l',E], whether each is an allowed key
   [B,Tq,H,S*l']). Positions of -1 blocks and past the query are clipped into range (and
-  marked not allowed), so the gather never reads out of bounds."""
+  marked not allowed), so the gather never reads out of bounds. key_start int[B,Tq] (or
+  None): each query's first allowed key (packed documents)."""
   b, t, h, _ = x.shape
   tq, s = block_indices.shape[1], block_indices.shape[-1]
   offsets = jnp.arange(block_size, dtype=jnp.int32)
   pos = (block_indices[..., None] * block_size + offsets).reshape(b, tq, h, s * block_size)
   query_pos = query_offset + jnp.arange(tq, dtype=jnp.int32)[None, :, None, None]
   valid = jnp.repeat(block_indices >= 0, block_size, axis=-1) & (pos <= query_pos) & (pos < t)
+  if key_start is not None:
+    valid = valid & (pos >= key_start[:, :, None, None])
   pos = jnp.clip(pos, 0, t - 1)
   batch = jnp.arange(b)[:, None, None, None]
   head = jnp.arange(h)[None, None, :, None]
@@ -92,15 +95,17 @@ def gather_selected(x: jax.Array, block_indices: jax.Array, block_size: int,
 
 
 def selected_attention_gather(q, k, v, block_indices, block_size: int, scale=None,
-                              return_lse: bool = False, query_offset: int = 0):
+                              return_lse: bool = False, query_offset: int = 0,
+                              key_start=None):
   """The gather path: same result as the oracle (up to rounding), memory O(T*S*l'*D).
   q and block_indices may cover only the queries query_offset .. query_offset+Tq-1 (k and v
-  all keys), so long sequences can be processed in query chunks."""
+  all keys), so long sequences can be processed in query chunks. key_start int[B,Tq]: each
+  query's first allowed key (packed documents; None: every key up to the query)."""
   b, t, hq, d = q.shape
   h = k.shape[2]
   scale = default_scale(d) if scale is None else scale
   k_sel, valid = gather_selected(k.astype(jnp.float32), block_indices, block_size,
-                                 query_offset)
+                                 query_offset, key_start)
   v_sel, _ = gather_selected(v.astype(jnp.float32), block_indices, block_size, query_offset)
   scores = jnp.einsum("bthgd,bthnd->bthgn", _split_heads(q, h), k_sel, precision=_HIGHEST)
   p, lse = _masked_softmax(scores * scale, valid[:, :, :, None, :])

@@ -147,8 +147,9 @@ def test_branches_in_query_chunks_equal_whole_sequence(chunk, stages):
   k_cmp = nsa.block_windows(k, 8, 4).mean(axis=3)
   v_cmp = nsa.block_windows(v, 8, 4).mean(axis=3)
 
-  def select(q, k, v, indices, offset):
-    return selected_attention_gather(q, k, v, indices, 8, 0.25, query_offset=offset)
+  def select(q, k, v, indices, offset, starts):
+    return selected_attention_gather(q, k, v, indices, 8, 0.25, query_offset=offset,
+                                     key_start=starts)
   whole, whole_idx = nsa.branch_outputs(q, keys, values, k_cmp, v_cmp, cfg, 0.25, select)
   parts, parts_idx = nsa.branch_outputs(q, keys, values, k_cmp, v_cmp, cfg, 0.25, select,
                                         query_chunk=chunk, stages=stages)
