@@ -1,7 +1,6 @@
 """Dense SwiGLU MLP (DeepSeek names: w1 gate, w3 up, w2 down)."""
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.model.param import normal_param

@@ -107,17 +107,27 @@ class NSAttention(nnx.Module):
     cfg = self.nsa
     scale = cfg.head_dim ** -0.5
     k_cmp, v_cmp = compressed
-    # The Pallas kernels mask causally only; packed rows (document starts) take the gather
-    # path, which also masks the keys before each query's document.
-    if resolve_select_impl(select_impl or cfg.select_impl) == "pallas" and starts is None:
-      def select(q, k, v, indices, offset, starts):
-        del offset, starts  # one chunk: the whole sequence, one document per row
+    def gather(q, k, v, indices, offset, starts):
+      return selected_attention_gather(q, k, v, indices, cfg.select_block, scale,
+                                       query_offset=offset, key_start=starts)
+
+    if resolve_select_impl(select_impl or cfg.select_impl) == "pallas":
+      def kernel(q, k, v, indices):
         return nsa_kernels.selected_attention(q, k, v, indices, cfg.select_block, scale,
                                               interpret=jax.default_backend() == "cpu")
-    else:
+
       def select(q, k, v, indices, offset, starts):
-        return selected_attention_gather(q, k, v, indices, cfg.select_block, scale,
-                                         query_offset=offset, key_start=starts)
+        # One chunk: the whole sequence. The kernels mask causally only, which keeps a query
+        # inside its document when documents begin on selection-block boundaries (one per
+        # row, or aligned packing); other packed rows take the gather path, which also masks
+        # a selected block's tokens before the query's document.
+        if starts is None:
+          return kernel(q, k, v, indices)
+        return jax.lax.cond(nsa_ops.block_aligned(starts, cfg.select_block),
+                            lambda: kernel(q, k, v, indices),
+                            lambda: gather(q, k, v, indices, offset, starts))
+    else:
+      select = gather
     outs, indices = nsa_ops.branch_outputs(q, k[1:], v[1:], k_cmp, v_cmp, cfg, scale, select,
                                            starts=starts)
     return outs, self._gates(x), indices

@@ -60,13 +60,22 @@ def grouped_attention(q, k, v, allowed, scale: float) -> tuple[jax.Array, jax.Ar
 
 
 def document_starts(segment_ids: jax.Array) -> jax.Array:
-  """segment_ids int[B,T] of packed documents (each a contiguous run) -> int32[B,T]: the row
-  index where each token's document begins."""
+  """segment_ids int[B,T] of packed documents (each a contiguous run; 0 = padding) ->
+  int32[B,T]: the row index where each token's document begins, and -1 for padding, which
+  keeps no document boundary (its outputs carry no loss and no later token reads them)."""
   t = segment_ids.shape[-1]
   index = jnp.arange(t, dtype=jnp.int32)
   boundary = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool),
                               segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
-  return jax.lax.cummax(jnp.where(boundary, index, 0), axis=segment_ids.ndim - 1)
+  starts = jax.lax.cummax(jnp.where(boundary, index, 0), axis=segment_ids.ndim - 1)
+  return jnp.where(segment_ids == 0, -1, starts)
+
+
+def block_aligned(starts: jax.Array, block: int) -> jax.Array:
+  """bool scalar: every document of the rows (document starts int[B,T]) begins on a multiple
+  of `block` (padding, -1, aside). Selection blocks then never straddle two documents, and
+  the causal block selection alone keeps each query inside its document."""
+  return jnp.all((starts < 0) | (starts % block == 0))
 
 
 def query_positions(t: int, query_offset=0) -> jax.Array:

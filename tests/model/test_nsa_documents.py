@@ -22,11 +22,21 @@ def test_document_starts_of_segment_ids():
   rng = np.random.default_rng(0)
   lengths = rng.integers(1, 9, size=(3, 12))
   segments = np.stack([np.repeat(np.arange(1, 13), row)[:40] for row in lengths])
-  segments[0, 30:] = 0  # trailing padding is one more run
+  segments[0, 30:] = 0  # trailing padding: no document, start -1
   starts = np.asarray(nsa.document_starts(jnp.asarray(segments)))
   for row, seg in zip(starts, segments):
-    want = [max(s for s in range(t + 1) if s == 0 or seg[s] != seg[s - 1]) for t in range(40)]
+    want = [-1 if seg[t] == 0 else
+            max(s for s in range(t + 1) if s == 0 or seg[s] != seg[s - 1]) for t in range(40)]
     np.testing.assert_array_equal(row, want)
+
+
+def test_block_aligned():
+  starts = lambda *runs: nsa.document_starts(jnp.asarray([np.repeat(np.arange(len(runs)) + 1,
+                                                                    runs)]))
+  assert bool(nsa.block_aligned(starts(16, 32, 5), 16))
+  assert not bool(nsa.block_aligned(starts(16, 30, 7), 16))
+  padded = jnp.asarray([[1] * 16 + [2] * 21 + [0] * 11])  # padding's start is -1
+  assert bool(nsa.block_aligned(nsa.document_starts(padded), 16))
 
 
 def _rope(positions):
@@ -130,3 +140,19 @@ def test_packed_rows_in_the_nsa_model():
   packed = forward(model, ids, positions, segments).logits
   np.testing.assert_allclose(packed[:, a:], forward(model, ids[:, a:]).logits, atol=1e-4)
   np.testing.assert_allclose(packed[:, :a], forward(model, ids[:, :a]).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("boundary", [32, 27])
+def test_pallas_selection_with_documents_equals_gather(boundary):
+  """select_impl='pallas' with document starts: the kernel where documents begin on block
+  boundaries (32), the gather path otherwise (27); both equal the gather path, with the
+  gradients."""
+  layer = NSAttention(WIDTH, HEADS, CFG, std=0.3, rngs=nnx.Rngs(4))
+  x, (cos, sin), starts = _packed_inputs(boundary, t=56, seed=6)
+  assert bool(nsa.block_aligned(starts, CFG.select_block)) == (boundary % 16 == 0)
+
+  def loss(x, impl):
+    return jnp.sum(jnp.sin(layer(x, cos, sin, select_impl=impl, starts=starts)))
+  (a, ga), (b, gb) = (jax.value_and_grad(loss)(x, impl) for impl in ("pallas", "gather"))
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  np.testing.assert_allclose(ga, gb, rtol=1e-5, atol=1e-4)  # gradients reach |30|
