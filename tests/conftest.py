@@ -6,3 +6,19 @@ import os
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_backend_optimization_level=0").strip()
+
+
+import gc
+
+import jax
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops every compiled program after each test module. XLA's CPU backend maps memory for
+  each executable; the whole suite in one process otherwise grows past the kernel's
+  vm.max_map_count (65530 here), and a later compilation crashes (SIGSEGV/SIGABRT)."""
+  yield
+  jax.clear_caches()
+  gc.collect()
