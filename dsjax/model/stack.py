@@ -88,13 +88,8 @@ def cache_slots(cache: LatentCache) -> int:
 def write_slots(cache: LatentCache, new: LatentCache, positions: jax.Array) -> LatentCache:
   """`cache` [L,B,S,...] with new [L,B,T,...] written at slots positions int[B,T]."""
   rows = jnp.arange(positions.shape[0])[:, None]
-
-  def write(c, n):
-    if _is_per_layer(c):
-      return PerLayer(a.at[rows, positions].set(n[i].astype(a.dtype))
-                      for i, a in enumerate(c.arrays))
-    return c.at[:, rows, positions].set(n.astype(c.dtype))
-  return LatentCache(*(write(c, n) for c, n in zip(cache, new)))
+  return LatentCache(*(c.at[:, rows, positions].set(n.astype(c.dtype))
+                       for c, n in zip(cache, new)))
 
 
 def pad_slots(cache: LatentCache | None, slots: int, offset: int = 0) -> LatentCache | None:
@@ -195,8 +190,8 @@ class LayerStack(nnx.Module):
   def _scan_layers(self, body, x, layers, scan: bool | None):
     """body(h, one layer's slice of `layers`) -> (h, out) over the layers, scanned or
     unrolled (always unrolled with PerLayer parameters); outs stacked on axis 0."""
-    per_layer = any(map(_is_per_layer, jax.tree.leaves(layers, is_leaf=_is_per_layer)))
-    if (self.scan if scan is None else scan) and not per_layer:
+    unstacked = any(map(_is_per_layer, jax.tree.leaves(layers, is_leaf=_is_per_layer)))
+    if (self.scan if scan is None else scan) and not unstacked:
       return jax.lax.scan(body, x, layers)
     outputs = []
     for i in range(self.num_layers):
