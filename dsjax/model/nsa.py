@@ -107,6 +107,7 @@ class NSAttention(nnx.Module):
     cfg = self.nsa
     scale = cfg.head_dim ** -0.5
     k_cmp, v_cmp = compressed
+
     def gather(q, k, v, indices, offset, starts):
       return selected_attention_gather(q, k, v, indices, cfg.select_block, scale,
                                        query_offset=offset, key_start=starts)

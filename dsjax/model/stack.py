@@ -176,8 +176,7 @@ class LayerStack(nnx.Module):
     then attends over that buffer alone, every slot up to the query's position. Reading a
     buffer that is written later in the step, as the stacked path does, makes XLA copy it."""
     graphdef, state = nnx.split(self.blocks)
-    slots = cache.c_kv.arrays[0].shape[1]
-    mask = (jnp.arange(slots) <= positions[:, :, None])[:, None]
+    mask = (jnp.arange(cache_slots(cache)) <= positions[:, :, None])[:, None]
     c_kv, k_pe = [], []
     for i in range(self.num_layers):
       block = nnx.merge(graphdef, layer_slice(state, i))
