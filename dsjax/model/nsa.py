@@ -113,20 +113,11 @@ class NSAttention(nnx.Module):
                                        query_offset=offset, key_start=starts)
 
     if resolve_select_impl(select_impl or cfg.select_impl) == "pallas":
-      def kernel(q, k, v, indices):
-        return nsa_kernels.selected_attention(q, k, v, indices, cfg.select_block, scale,
-                                              interpret=jax.default_backend() == "cpu")
-
       def select(q, k, v, indices, offset, starts):
-        # One chunk: the whole sequence. The kernels mask causally only, which keeps a query
-        # inside its document when documents begin on selection-block boundaries (one per
-        # row, or aligned packing); other packed rows take the gather path, which also masks
-        # a selected block's tokens before the query's document.
-        if starts is None:
-          return kernel(q, k, v, indices)
-        return jax.lax.cond(nsa_ops.block_aligned(starts, cfg.select_block),
-                            lambda: kernel(q, k, v, indices),
-                            lambda: gather(q, k, v, indices, offset, starts))
+        del offset  # One chunk: the whole sequence.
+        return nsa_kernels.selected_attention(q, k, v, indices, cfg.select_block, scale,
+                                              key_start=starts,
+                                              interpret=jax.default_backend() == "cpu")
     else:
       select = gather
     outs, indices = nsa_ops.branch_outputs(q, k[1:], v[1:], k_cmp, v_cmp, cfg, scale, select,

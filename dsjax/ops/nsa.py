@@ -71,13 +71,6 @@ def document_starts(segment_ids: jax.Array) -> jax.Array:
   return jnp.where(segment_ids == 0, -1, starts)
 
 
-def block_aligned(starts: jax.Array, block: int) -> jax.Array:
-  """bool scalar: every document of the rows (document starts int[B,T]) begins on a multiple
-  of `block` (padding, -1, aside). Selection blocks then never straddle two documents, and
-  the causal block selection alone keeps each query inside its document."""
-  return jnp.all((starts < 0) | (starts % block == 0))
-
-
 def query_positions(t: int, query_offset=0) -> jax.Array:
   """int32 [T]: the positions query_offset .. query_offset+T-1 (the offset may be traced)."""
   return query_offset + jnp.arange(t, dtype=jnp.int32)
@@ -247,9 +240,9 @@ def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
   compressed keys/values [B,C,KV,*]; nsa: an NSAConfig; select(q, k, v, indices, offset,
   starts): selected attention of the queries at positions offset.. (offset may be traced;
   starts their document starts or None) over all keys. starts: document starts int[B,T] of a
-  packed row (None: one sequence per row). With `query_chunk`, queries are processed by lax.scans over chunks of that many, each
-  chunk recomputed in the backward pass (jax.checkpoint), so memory is bounded by one chunk's
-  working set at any sequence length. A chunk gathers only its selected blocks and reads only
+  packed row (None: one sequence per row). With `query_chunk`, queries are processed by
+  lax.scans over chunks of that many, each chunk recomputed in the backward pass
+  (jax.checkpoint), so memory is bounded by one chunk's working set at any sequence length. A chunk gathers only its selected blocks and reads only
   the keys its windows reach; the chunks are split into `stages` consecutive scans, each
   reading only the compressed blocks visible by its end.
   -> (outputs [3,B,T,N,Hv] float32, block indices int32[B,T,KV,n]).

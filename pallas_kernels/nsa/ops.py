@@ -35,7 +35,7 @@ def resolve_backend(backend: str | None, interpret: bool) -> str:
                                       "selected_attention_gather")
 
 
-def _check_operands(q, k, v, block_indices, block_size):
+def _check_operands(q, k, v, block_indices, block_size, key_start):
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"selected_attention: q {q.shape}, k {k.shape}, v {v.shape} must be "
                      "[B,T,HQ,D], [B,T,H,D], [B,T,H,Dv].")
@@ -57,39 +57,42 @@ def _check_operands(q, k, v, block_indices, block_size):
   if not jnp.issubdtype(block_indices.dtype, jnp.integer):
     raise ValueError(f"selected_attention: block_indices must be integers, got "
                      f"{block_indices.dtype}.")
+  if key_start is not None and (key_start.shape != q.shape[:2]
+                                or not jnp.issubdtype(key_start.dtype, jnp.integer)):
+    raise ValueError(f"selected_attention: key_start {key_start.shape} {key_start.dtype} "
+                     f"must be integers of shape [B,T] = {list(q.shape[:2])}.")
   if not isinstance(block_size, int) or block_size < 1:
     raise ValueError(f"selected_attention: block_size={block_size!r}; use a positive int.")
 
 
-def _forward(q, k, v, block_indices, opts: _Options):
-  if opts.backend == "tpu":
-    return tpu.forward_tpu(q, k, v, block_indices, opts.block_size, opts.scale,
-                           tiling=opts.tiling, interpret=opts.interpret)
-  return gpu.forward_gpu(q, k, v, block_indices, opts.block_size, opts.scale,
-                         tiling=opts.tiling, interpret=opts.interpret)
+def _forward(q, k, v, block_indices, key_start, opts: _Options):
+  forward = tpu.forward_tpu if opts.backend == "tpu" else gpu.forward_gpu
+  return forward(q, k, v, block_indices, key_start, opts.block_size, opts.scale,
+                 tiling=opts.tiling, interpret=opts.interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _selected_attention(q, k, v, block_indices, opts: _Options):
-  return _forward(q, k, v, block_indices, opts)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _selected_attention(q, k, v, block_indices, key_start, opts: _Options):
+  return _forward(q, k, v, block_indices, key_start, opts)[0]
 
 
-def _selected_attention_fwd(q, k, v, block_indices, opts: _Options):
-  o, lse = _forward(q, k, v, block_indices, opts)
-  return o, (q, k, v, block_indices, o, lse)
+def _selected_attention_fwd(q, k, v, block_indices, key_start, opts: _Options):
+  o, lse = _forward(q, k, v, block_indices, key_start, opts)
+  return o, (q, k, v, block_indices, key_start, o, lse)
 
 
 def _selected_attention_bwd(opts: _Options, residuals, do):
-  q, k, v, block_indices, o, lse = residuals
+  q, k, v, block_indices, key_start, o, lse = residuals
   do = do.astype(q.dtype)
   # The softmax backward's row term, from the stored (rounded) output as flash attention does.
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
   num_blocks = -(-q.shape[1] // opts.block_size)
-  lists = block_query_lists(block_indices, opts.block_size, num_blocks)
+  lists = block_query_lists(block_indices, opts.block_size, num_blocks, key_start)
   backward = tpu.backward_tpu if opts.backend == "tpu" else gpu.backward_gpu
-  dq, dk, dv = backward(q, k, v, block_indices, lse, delta, do, lists, opts.block_size,
-                        opts.scale, tiling=opts.tiling, interpret=opts.interpret)
-  return dq, dk, dv, None
+  dq, dk, dv = backward(q, k, v, block_indices, key_start, lse, delta, do, lists,
+                        opts.block_size, opts.scale, tiling=opts.tiling,
+                        interpret=opts.interpret)
+  return dq, dk, dv, None, None
 
 
 _selected_attention.defvjp(_selected_attention_fwd, _selected_attention_bwd)
@@ -97,19 +100,21 @@ _selected_attention.defvjp(_selected_attention_fwd, _selected_attention_bwd)
 
 def selected_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indices: jax.Array,
                        block_size: int, scale: float | None = None, *,
-                       tiling: BlockSizes | None = None, interpret: bool = False,
-                       backend: str | None = None) -> jax.Array:
+                       key_start: jax.Array | None = None, tiling: BlockSizes | None = None,
+                       interpret: bool = False, backend: str | None = None) -> jax.Array:
   """NSA's selected-block attention, differentiable in q, k and v.
 
   q [B,T,HQ,D], k [B,T,H,D], v [B,T,H,Dv] (one dtype; HQ = H*G, query heads h*G .. h*G+G-1
   share kv head h), block_indices int [B,T,H,S]: the key blocks (of `block_size` tokens)
   each query's kv group attends to, -1 for none; distinct within a row apart from -1.
-  Keys past the query are masked. -> o [B,T,HQ,Dv] in q's dtype; a query with no allowed key
-  gives 0. `scale`: a Python float, default D**-0.5. `tiling`: BlockSizes; `interpret`: run
-  in Pallas' interpreter (CPU tests); `backend`: 'tpu' | 'gpu' (default: this machine's, and
-  'tpu' for interpret mode on CPU).
+  Keys past the query are masked, and with `key_start` int [B,T] (packed documents: each
+  query's document start, dsjax.ops.nsa.document_starts) the keys before it too.
+  -> o [B,T,HQ,Dv] in q's dtype; a query with no allowed key gives 0. `scale`: a Python
+  float, default D**-0.5. `tiling`: BlockSizes; `interpret`: run in Pallas' interpreter (CPU
+  tests); `backend`: 'tpu' | 'gpu' (default: this machine's, and 'tpu' for interpret mode on
+  CPU).
   """
-  _check_operands(q, k, v, block_indices, block_size)
+  _check_operands(q, k, v, block_indices, block_size, key_start)
   if scale is not None and not isinstance(scale, (int, float)):
     raise ValueError(f"selected_attention: scale must be a Python number (it is compiled "
                      f"into the kernels), got {type(scale).__name__}.")
@@ -118,8 +123,10 @@ def selected_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indices: 
   if opts.backend == "tpu":
     tpu_common.check_block_size(block_size, q.dtype)
   block_indices = block_indices.astype(jnp.int32)
+  key_start = (jnp.zeros(q.shape[:2], jnp.int32) if key_start is None
+               else key_start.astype(jnp.int32))
   if block_indices.shape[-1] == 0:  # Keeps the kernels' slot loops non-empty.
     block_indices = jnp.full((*block_indices.shape[:3], 1), -1, jnp.int32)
   if q.shape[1] == 0:
     return jnp.zeros((*q.shape[:3], v.shape[-1]), q.dtype)
-  return _selected_attention(q, k, v, block_indices, opts)
+  return _selected_attention(q, k, v, block_indices, key_start, opts)

@@ -9,6 +9,8 @@ Semantics (the kernels are tested against these; they match fla-core's
   - Query t attends to the tokens of its selected blocks at positions <= t (causal at token
     level, so a selected block past t adds nothing), softmax in float32, scale D**-0.5 by
     default. A query with no allowed key gives 0 and log-sum-exp -inf.
+  - key_start int[B,T] (optional; None = 0): query t's first allowed key, e.g. the start of
+    its document in a packed row; tokens of a selected block before it are masked.
   - Indices in a row are distinct apart from -1 (they come from a top-n). A repeated index
     counts once in the dense oracle but twice in the gather path and the kernels.
 
@@ -27,12 +29,16 @@ def default_scale(head_dim: int) -> float:
   return head_dim ** -0.5
 
 
-def allowed_keys(block_indices: jax.Array, block_size: int, seq_len: int) -> jax.Array:
-  """block_indices [B,T,H,S] -> bool [B,T,H,T]: key s is allowed for query t."""
-  key_block = jnp.arange(seq_len, dtype=jnp.int32) // block_size
-  selected = jnp.any(block_indices[..., :, None] == key_block, axis=-2)
-  causal = jnp.arange(seq_len)[None, :] <= jnp.arange(seq_len)[:, None]
-  return selected & causal[None, :, None, :]
+def allowed_keys(block_indices: jax.Array, block_size: int, seq_len: int,
+                 key_start: jax.Array | None = None) -> jax.Array:
+  """block_indices [B,T,H,S] (key_start int[B,T] or None) -> bool [B,T,H,T]: key s is
+  allowed for query t."""
+  keys = jnp.arange(seq_len, dtype=jnp.int32)
+  selected = jnp.any(block_indices[..., :, None] == keys // block_size, axis=-2)
+  allowed = selected & (keys[None, :] <= keys[:, None])[None, :, None, :]
+  if key_start is not None:
+    allowed = allowed & (keys >= key_start[:, :, None, None])
+  return allowed
 
 
 def _masked_softmax(scores, mask):
@@ -58,7 +64,7 @@ def _split_heads(q, num_kv_heads: int):
 
 
 def selected_attention_reference(q, k, v, block_indices, block_size: int, scale=None,
-                                 return_lse: bool = False):
+                                 return_lse: bool = False, key_start=None):
   """The dense-mask oracle: -> o [B,T,HQ,Dv] (q's dtype), and lse [B,T,HQ] (f32) when
   return_lse. Computed in float32 at HIGHEST precision."""
   b, t, hq, d = q.shape
@@ -66,7 +72,7 @@ def selected_attention_reference(q, k, v, block_indices, block_size: int, scale=
   scale = default_scale(d) if scale is None else scale
   qg = _split_heads(q, h)
   scores = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32), precision=_HIGHEST)
-  mask = allowed_keys(block_indices, block_size, t)[:, :, :, None, :]
+  mask = allowed_keys(block_indices, block_size, t, key_start)[:, :, :, None, :]
   p, lse = _masked_softmax(scores * scale, mask)
   o = jnp.einsum("bthgs,bshe->bthge", p, v.astype(jnp.float32), precision=_HIGHEST)
   o = o.reshape(b, t, hq, v.shape[-1]).astype(q.dtype)

@@ -7,6 +7,7 @@ rule: the last two dims of a block are multiples of (8, 128) or the full dims):
                                [G, D] tile (queries zero-padded to Tp, whole grid steps);
   k, v, dk, dv  [B,H,NB*l',*]  kv head-major and zero-padded to whole blocks, so a key block
                                is one contiguous [l', D] slice;
+  key_start     [B,Tp]         each query's first allowed key (0 for the padded queries);
   lse, delta    [B,H,Tp/tc,G,tc] lane-dense rows of tc queries; `stats` puts lse and delta
                                side by side, [B,H,Tp/tc,G,2tc]. A kernel takes one query's
                                [G, 1] column with a masked lane reduction (`column`), which
@@ -39,6 +40,12 @@ def interpret_params(interpret: bool):
 def key_positions(shape, j, block_size: int):
   """Token positions of key block j along the last dim of a [G, l'] tile."""
   return j * block_size + lax.broadcasted_iota(jnp.int32, shape, 1)
+
+
+def allowed(shape, j, block_size: int, t, start):
+  """bool [G, l']: the keys of block j that query t may read, those in [start, t]."""
+  keys = key_positions(shape, j, block_size)
+  return (keys <= t) & (keys >= start)
 
 
 def column(block, c):
@@ -95,6 +102,12 @@ def indices(block_indices, padded_len: int):
   idx = jnp.transpose(block_indices.astype(jnp.int32), (0, 2, 1, 3))
   idx = jnp.pad(idx, ((0, 0), (0, 0), (0, padded_len - t), (0, 0)), constant_values=-1)
   return idx.reshape(b, h, padded_len * s)
+
+
+def key_starts(key_start, padded_len: int):
+  """int32 [B,T] -> [B,Tp] (padded queries start at 0): a grid step's tc starts are one SMEM
+  block."""
+  return jnp.pad(key_start.astype(jnp.int32), ((0, 0), (0, padded_len - key_start.shape[1])))
 
 
 def row_stats(x, num_heads: int, tc: int):

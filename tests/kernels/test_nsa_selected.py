@@ -38,17 +38,31 @@ def _assert_rows_with_and_without_own_block(idx, block_size):
   assert own.any() and (~own & (idx >= 0).any(-1)).any()
 
 
-def loop_oracle(q, k, v, idx, block_size, scale):
+def document_starts(rng, b, t):
+  """Packed rows: int32 [B,T], each query's document start, at drawn boundaries (most not on a
+  block boundary), and -1 for a padded tail on row 0."""
+  starts = np.zeros((b, t), np.int32)
+  for bi in range(b):
+    bounds = np.sort(rng.choice(np.arange(1, t), size=min(3, t - 1), replace=False))
+    for boundary in bounds:
+      starts[bi, boundary:] = boundary
+  starts[0, t - t // 8:] = -1
+  return jnp.asarray(starts)
+
+
+def loop_oracle(q, k, v, idx, block_size, scale, key_start=None):
   """Query by query in float64: the allowed keys are listed explicitly (an oracle that shares
   no code with reference.py)."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   idx = np.asarray(idx)
   b, t, hq, _ = q.shape
+  first = np.zeros((b, t), int) if key_start is None else np.asarray(key_start)
   g = hq // k.shape[2]
   out = np.zeros((b, t, hq, v.shape[-1]))
   for bi, ti, qh in np.ndindex(b, t, hq):
     keys = sorted({p for j in idx[bi, ti, qh // g] if j >= 0
-                   for p in range(j * block_size, (j + 1) * block_size) if p <= ti})
+                   for p in range(j * block_size, (j + 1) * block_size)
+                   if first[bi, ti] <= p <= ti})
     if keys:
       logits = k[bi, keys, qh // g] @ q[bi, ti, qh] * scale
       w = np.exp(logits - logits.max())
@@ -64,12 +78,13 @@ def _operands(seed, b, t, h, g, d, dtype=jnp.float32):
   return rng, q, k, v, cot
 
 
-def _value_and_grads(fn, q, k, v, idx, cot):
+def _value_and_grads(fn, q, k, v, idx, cot, key_start=None):
   @jax.jit
-  def run(q, k, v, idx, cot):
-    o, vjp = jax.vjp(lambda *qkv: fn(*qkv, idx), q, k, v)
+  def run(q, k, v, idx, cot, key_start):
+    extra = {} if key_start is None else {"key_start": key_start}
+    o, vjp = jax.vjp(lambda *qkv: fn(*qkv, idx, **extra), q, k, v)
     return o, vjp(cot.astype(o.dtype))
-  return run(q, k, v, idx, cot)
+  return run(q, k, v, idx, cot, key_start)
 
 
 def _f32(x):
@@ -79,14 +94,18 @@ def _f32(x):
 @settings(max_examples=8, deadline=None)
 @given(t=st.integers(1, 40), block_size=st.sampled_from([4, 8, 16]), s=st.integers(1, 6),
        g=st.sampled_from([1, 2, 4]), future=st.booleans(), seed=st.integers(0, 2**16))
-def test_oracles_agree(t, block_size, s, g, future, seed):
+@pytest.mark.parametrize("packed", [False, True], ids=["one_doc", "packed"])
+def test_oracles_agree(packed, t, block_size, s, g, future, seed):
   """The dense-mask oracle and the gather path equal the per-query loop, including blocks
-  past the query or past the end (which add nothing); their autodiff gradients agree."""
+  past the query or past the end (which add nothing) and, in packed rows, blocks before the
+  query's document; their autodiff gradients agree."""
   rng, q, k, v, cot = _operands(seed, 1, t, 2, g, 8)
   idx = nsa_selection(rng, 1, t, 2, s, block_size, future)
-  dense, gathered = (_value_and_grads(lambda *a, f=f: f(*a, block_size), q, k, v, idx, cot)
-                     for f in (selected_attention_reference, selected_attention_gather))
-  want = loop_oracle(q, k, v, idx, block_size, 8 ** -0.5)
+  starts = document_starts(rng, 1, t) if packed else None
+  dense, gathered = (
+      _value_and_grads(lambda *a, f=f, **kw: f(*a, block_size, **kw), q, k, v, idx, cot, starts)
+      for f in (selected_attention_reference, selected_attention_gather))
+  want = loop_oracle(q, k, v, idx, block_size, 8 ** -0.5, starts)
   np.testing.assert_allclose(_f32(dense[0]), want, atol=1e-5)
   np.testing.assert_allclose(_f32(gathered[0]), want, atol=1e-5)
   for got, ref in zip(gathered[1], dense[1]):
@@ -110,21 +129,47 @@ def test_kernel_matches_oracles_f32(backend, config):
   idx = nsa_selection(rng, b, t, h, s, block_size)
   _assert_rows_with_and_without_own_block(idx, block_size)
 
-  def kernel(q, k, v, idx):
-    return selected_attention(q, k, v, idx, block_size, tiling=tiling, interpret=True,
-                              backend=backend)
-  o, grads = _value_and_grads(kernel, q, k, v, idx, cot)
+  _check_kernel_against_oracles(backend, q, k, v, idx, cot, block_size, tiling)
+
+
+def _check_kernel_against_oracles(backend, q, k, v, idx, cot, block_size, tiling,
+                                  key_start=None):
+  """Kernel == loop oracle == dense oracle == gather path (f32 1e-5), and the kernel's three
+  gradients == the dense oracle's autodiff gradients (1e-4)."""
+  t, g, d = q.shape[1], q.shape[2] // k.shape[2], q.shape[-1]
+
+  def kernel(q, k, v, idx, key_start=None):
+    return selected_attention(q, k, v, idx, block_size, key_start=key_start, tiling=tiling,
+                              interpret=True, backend=backend)
+  o, grads = _value_and_grads(kernel, q, k, v, idx, cot, key_start)
   o_ref, grads_ref = _value_and_grads(
-      lambda *a: selected_attention_reference(*a, block_size), q, k, v, idx, cot)
-  np.testing.assert_allclose(_f32(o), loop_oracle(q, k, v, idx, block_size, d ** -0.5),
-                             atol=1e-5)
+      lambda *a, **kw: selected_attention_reference(*a, block_size, **kw), q, k, v, idx, cot,
+      key_start)
+  np.testing.assert_allclose(
+      _f32(o), loop_oracle(q, k, v, idx, block_size, d ** -0.5, key_start), atol=1e-5)
   np.testing.assert_allclose(_f32(o), _f32(o_ref), atol=1e-5)
-  np.testing.assert_allclose(_f32(o), _f32(selected_attention_gather(q, k, v, idx, block_size)),
-                             atol=1e-5)
+  gathered = selected_attention_gather(q, k, v, idx, block_size, key_start=key_start)
+  np.testing.assert_allclose(_f32(o), _f32(gathered), atol=1e-5)
   assert np.all(_f32(o)[0, t - 1, :g] == 0)  # the query that selected nothing
   for got, want in zip(grads, grads_ref):
     assert np.all(np.isfinite(_f32(got)))
     np.testing.assert_allclose(_f32(got), _f32(want), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_with_document_starts_matches_oracles(backend):
+  """Packed rows (key_start): documents starting mid-block, selected blocks wholly or partly
+  before the query's document (skipped or cut at its start), a padded tail (-1); values and
+  all three gradients."""
+  b, t, h, g, d, block_size, s = 2, 45, 1, 4, 16, 8, 4
+  rng, q, k, v, cot = _operands(11, b, t, h, g, d)
+  idx = nsa_selection(rng, b, t, h, s, block_size)
+  starts = document_starts(rng, b, t)
+  np_idx, np_starts = np.asarray(idx), np.asarray(starts)
+  before = (np_idx >= 0) & ((np_idx + 1) * block_size <= np_starts[:, :, None, None])
+  cut = (np_idx >= 0) & (np_idx * block_size < np_starts[:, :, None, None]) & ~before
+  assert before.any() and cut.any()
+  _check_kernel_against_oracles(backend, q, k, v, idx, cot, block_size, TILING, starts)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -159,19 +204,26 @@ def test_gpu_kernel_forward_over_drawn_shapes(t, block_size, s, g, future, seed)
 
 @settings(max_examples=10, deadline=None)
 @given(t=st.integers(1, 60), block_size=st.sampled_from([4, 8, 16]), s=st.integers(1, 8),
-       future=st.booleans(), seed=st.integers(0, 2**16))
-def test_block_query_lists_invert_the_selection(t, block_size, s, future, seed):
+       future=st.booleans(), packed=st.booleans(), seed=st.integers(0, 2**16))
+def test_block_query_lists_invert_the_selection(t, block_size, s, future, packed, seed):
   """Block j's list holds, ascending, exactly the queries t whose row selects j with
-  j*block_size <= t; every other (query, slot) pair is left out."""
-  idx = np.asarray(nsa_selection(np.random.default_rng(seed), 2, t, 3, s, block_size, future))
+  j*block_size <= t and (packed rows) a token at or after t's document start, each with that
+  start; every other (query, slot) pair is left out."""
+  rng = np.random.default_rng(seed)
+  idx = np.asarray(nsa_selection(rng, 2, t, 3, s, block_size, future))
+  first = document_starts(rng, 2, t) if packed else None
+  first_np = np.zeros((2, t), int) if first is None else np.asarray(first)
   num_blocks = -(-t // block_size)
-  queries, starts = map(np.asarray, block_query_lists(jnp.asarray(idx), block_size,
-                                                      num_blocks))
+  queries, starts, key_starts = map(np.asarray, block_query_lists(jnp.asarray(idx),
+                                                                  block_size, num_blocks, first))
   for b, h in np.ndindex(2, 3):
     assert starts[b, h, 0] == 0 and np.all(np.diff(starts[b, h]) >= 0)
     for j in range(num_blocks):
-      want = [ti for ti in range(t) if j in idx[b, ti, h] and j * block_size <= ti]
-      np.testing.assert_array_equal(queries[b, h, starts[b, h, j]:starts[b, h, j + 1]], want)
+      want = [ti for ti in range(t) if j in idx[b, ti, h] and j * block_size <= ti
+              and (j + 1) * block_size > first_np[b, ti]]
+      run = slice(starts[b, h, j], starts[b, h, j + 1])
+      np.testing.assert_array_equal(queries[b, h, run], want)
+      np.testing.assert_array_equal(key_starts[b, h, run], first_np[b, want])
 
 
 @pytest.mark.parametrize("platform,backend", [("tpu", "tpu"), ("cuda", "gpu")])
@@ -183,9 +235,12 @@ def test_kernels_lower_for_hardware(platform, backend, dtype):
   kv = jax.ShapeDtypeStruct((1, 512, 1, 64), dtype)
   idx = jax.ShapeDtypeStruct((1, 512, 1, 16), jnp.int32)
 
-  def loss(q, k, v, idx):
-    return jnp.sum(selected_attention(q, k, v, idx, 64, backend=backend).astype(jnp.float32))
-  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, idx).lower(
+  starts = jax.ShapeDtypeStruct((1, 512), jnp.int32)
+
+  def loss(q, k, v, idx, starts):
+    o = selected_attention(q, k, v, idx, 64, key_start=starts, backend=backend)
+    return jnp.sum(o.astype(jnp.float32))
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, idx, starts).lower(
       lowering_platforms=(platform,))
   marker = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
   assert lowered.as_text().count(marker) == 3, f"expected 3 kernel calls in {platform}"
@@ -203,6 +258,8 @@ def test_bad_operands_name_the_problem():
     call(q, k, v, idx[:, :, :1], 8)
   with pytest.raises(ValueError, match="must be integers"):
     call(q, k, v, idx.astype(jnp.float32), 8)
+  with pytest.raises(ValueError, match="key_start .* must be integers of shape"):
+    call(q, k, v, idx, 8, key_start=jnp.zeros((1, 15), jnp.int32))
   with pytest.raises(ValueError, match="cast them to one dtype"):
     call(q, k.astype(jnp.bfloat16), v, idx, 8)
   with pytest.raises(ValueError, match="use a multiple of 16"):
