@@ -115,9 +115,9 @@ class NSAConfig:
     num_selected: n, selection blocks per query (the first block and the 2 local blocks
       included).
     window: w, tokens of the sliding window (the query's own token included).
-    select_impl: "gather" (XLA gather of the selected blocks; CPU), "pallas" (the
-      pallas_kernels.nsa kernel; interpreted on CPU) or "auto" (gather on CPU, pallas
-      elsewhere).
+    select_impl: "gather" (XLA gather of the selected blocks and XLA sliding window; CPU),
+      "pallas" (the pallas_kernels.nsa kernel for the selection and the window branches;
+      interpreted on CPU) or "auto" (gather on CPU, pallas elsewhere).
   """
 
   num_kv_heads: int = 1

@@ -113,15 +113,26 @@ class NSAttention(nnx.Module):
                                        query_offset=offset, key_start=starts)
 
     if resolve_select_impl(select_impl or cfg.select_impl) == "pallas":
-      def select(q, k, v, indices, offset, starts):
-        del offset  # One chunk: the whole sequence.
+      def kernel(q, k, v, indices, starts):
         return nsa_kernels.selected_attention(q, k, v, indices, cfg.select_block, scale,
                                               key_start=starts,
                                               interpret=jax.default_backend() == "cpu")
+
+      def select(q, k, v, indices, offset, starts):
+        del offset  # One chunk: the whole sequence.
+        return kernel(q, k, v, indices, starts)
+
+      def attend_window(q, k, v, starts):
+        # The window as a selection: the blocks it spans, cut at max(t - w + 1, start).
+        indices, key_start = nsa_ops.window_selection(q.shape[1], cfg.window, cfg.select_block,
+                                                      starts)
+        indices = jnp.broadcast_to(indices[None, :, None],
+                                   (q.shape[0], q.shape[1], k.shape[2], indices.shape[-1]))
+        return kernel(q, k, v, indices, jnp.broadcast_to(key_start, q.shape[:2]))
     else:
-      select = gather
+      select, attend_window = gather, None
     outs, indices = nsa_ops.branch_outputs(q, k[1:], v[1:], k_cmp, v_cmp, cfg, scale, select,
-                                           starts=starts)
+                                           starts=starts, attend_window=attend_window)
     return outs, self._gates(x), indices
 
   def __call__(self, x, cos, sin, select_impl: str | None = None, starts=None) -> jax.Array:

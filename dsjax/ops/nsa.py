@@ -200,6 +200,22 @@ def sliding_window_attention(q, k, v, window: int, scale: float, starts=None) ->
                        scale, None if starts is None else pad(starts, 0))[:, :t]
 
 
+def window_selection(t: int, window: int, block: int, starts=None):
+  """Sliding windows written as block selections, for the block-sparse selection kernel:
+  query t's keys t - w < s <= t (and s >= its document start) are the tokens at or after
+  key_start[t] in the blocks block_indices[t]. -> (block_indices int32[T,S] of the (at most
+  S = (w-1)//block + 2) blocks of {max(t-w+1, 0) .. t}, -1 in the unused slots;
+  key_start int32[T], or [B,T] given document starts int[B,T])."""
+  positions = jnp.arange(t, dtype=jnp.int32)
+  key_start = positions - window + 1
+  slots = (window - 1) // block + 2
+  indices = jnp.maximum(key_start, 0)[:, None] // block + jnp.arange(slots, dtype=jnp.int32)
+  indices = jnp.where(indices <= (positions // block)[:, None], indices, -1)
+  if starts is not None:
+    key_start = jnp.maximum(key_start, starts.astype(jnp.int32))
+  return indices, key_start
+
+
 def window_attention(q, k, v, q_positions, k_positions, window: int, scale: float):
   """Sliding-window attention by a dense mask: queries at positions int[T] or [B,T] over keys
   at positions int[S] or [B,S] (negative positions are padding); a query sees the keys
@@ -233,14 +249,17 @@ def _stack_branches(*outputs) -> jax.Array:
 
 
 def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
-                   query_chunk: int | None = None, stages: int = 16, starts=None):
+                   query_chunk: int | None = None, stages: int = 16, starts=None,
+                   attend_window=None):
   """The three NSA branches for queries q [B,T,N,H].
 
   keys / values: the selection and window branches' [2,B,T,KV,*]; k_cmp / v_cmp: the
   compressed keys/values [B,C,KV,*]; nsa: an NSAConfig; select(q, k, v, indices, offset,
   starts): selected attention of the queries at positions offset.. (offset may be traced;
   starts their document starts or None) over all keys. starts: document starts int[B,T] of a
-  packed row (None: one sequence per row). With `query_chunk`, queries are processed by
+  packed row (None: one sequence per row). attend_window(q, k, v, starts): the window
+  branch over the whole sequence (None: sliding_window_attention). With `query_chunk`
+  (which takes the built-in window branch), queries are processed by
   lax.scans over chunks of that many, each chunk recomputed in the backward pass
   (jax.checkpoint), so memory is bounded by one chunk's working set at any sequence length. A chunk gathers only its selected blocks and reads only
   the keys its windows reach; the chunks are split into `stages` consecutive scans, each
@@ -252,8 +271,14 @@ def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
     o_cmp, indices = compression_and_selection(q, k_cmp, v_cmp, query_positions(t), t, nsa,
                                                 scale, starts)
     o_slc = select(q, keys[0], values[0], indices, 0, starts)
-    o_win = sliding_window_attention(q, keys[1], values[1], nsa.window, scale, starts)
+    if attend_window is None:
+      o_win = sliding_window_attention(q, keys[1], values[1], nsa.window, scale, starts)
+    else:
+      o_win = attend_window(q, keys[1], values[1], starts)
     return _stack_branches(o_cmp, o_slc, o_win), indices
+  if attend_window is not None:
+    raise ValueError("branch_outputs: attend_window needs the whole sequence; drop "
+                     "query_chunk or attend_window.")
   chunks = -(-t // query_chunk)
   padded = chunks * query_chunk
   w, block = nsa.window, math.gcd(query_chunk, nsa.window)

@@ -94,7 +94,8 @@ def test_hf_export_and_speculative_decoding_refuse_nsa():
 
 
 def test_pallas_selection_equals_gather_in_the_layer():
-  """select_impl='pallas' (the kernel, interpreted on CPU) gives the gather path's output."""
+  """select_impl='pallas' (the selection kernel, interpreted on CPU, for the selection and
+  the window branch) gives the output of the gather path and the XLA sliding window."""
   layer, x, cos, sin = _layer_and_inputs(t=40)
   np.testing.assert_allclose(layer(x, cos, sin, select_impl="pallas"),
                              layer(x, cos, sin, select_impl="gather"), atol=1e-5)

@@ -66,6 +66,31 @@ def test_sliding_window_equals_band_mask(t, window):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def _packed_starts(b, t, boundaries):
+  starts = np.zeros((b, t), np.int32)
+  for boundary in boundaries:
+    starts[:, boundary:] = boundary
+  starts[-1, t - 3:] = -1  # a padded tail
+  return jnp.asarray(starts)
+
+
+@pytest.mark.parametrize("t,window,block", [(50, 7, 8), (50, 16, 8), (33, 64, 16),
+                                            (45, 20, 4)])
+@pytest.mark.parametrize("packed", [False, True], ids=["one_doc", "packed"])
+def test_window_selection_is_the_sliding_window(t, window, block, packed):
+  """The window written as block selections (window_selection: at most (w-1)//l' + 2 blocks,
+  cut at max(t-w+1, document start)) attends exactly like sliding_window_attention."""
+  q, k, v = _qkv(5, 2, t, 2, 4)
+  starts = _packed_starts(2, t, (13, 30)) if packed else None
+  indices, key_start = nsa.window_selection(t, window, block, starts)
+  assert indices.shape == (t, (window - 1) // block + 2)
+  indices = jnp.broadcast_to(indices[None, :, None], (2, t, 2, indices.shape[-1]))
+  got = selected_attention_gather(q, k, v, indices, block, 0.25,
+                                  key_start=jnp.broadcast_to(key_start, (2, t)))
+  want = nsa.sliding_window_attention(q, k, v, window, 0.25, starts)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_selection_scores_sum_overlapping_compressed_blocks():
   """Eq. 9 read spatially, Eq. 10 over the GQA group: a loop over token sets."""
   length, stride, block, t, kv, g = 8, 4, 16, 70, 2, 3
