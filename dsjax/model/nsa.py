@@ -123,12 +123,8 @@ class NSAttention(nnx.Module):
         return kernel(q, k, v, indices, starts)
 
       def attend_window(q, k, v, starts):
-        # The window as a selection: the blocks it spans, cut at max(t - w + 1, start).
-        indices, key_start = nsa_ops.window_selection(q.shape[1], cfg.window, cfg.select_block,
-                                                      starts)
-        indices = jnp.broadcast_to(indices[None, :, None],
-                                   (q.shape[0], q.shape[1], k.shape[2], indices.shape[-1]))
-        return kernel(q, k, v, indices, jnp.broadcast_to(key_start, q.shape[:2]))
+        return nsa_ops.window_through_selection(kernel, q, k, v, cfg.window, cfg.select_block,
+                                                starts)
     else:
       select, attend_window = gather, None
     outs, indices = nsa_ops.branch_outputs(q, k[1:], v[1:], k_cmp, v_cmp, cfg, scale, select,

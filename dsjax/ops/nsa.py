@@ -216,6 +216,16 @@ def window_selection(t: int, window: int, block: int, starts=None):
   return indices, key_start
 
 
+def window_through_selection(attend_selected, q, k, v, window: int, block: int, starts=None):
+  """The sliding-window branch of q [B,T,N,H] over k, v [B,T,KV,*] computed by a block-sparse
+  attention attend_selected(q, k, v, block_indices [B,T,KV,S], key_start [B,T]) (e.g.
+  pallas_kernels.nsa.selected_attention) over window_selection's blocks."""
+  b, t = q.shape[:2]
+  indices, key_start = window_selection(t, window, block, starts)
+  indices = jnp.broadcast_to(indices[None, :, None], (b, t, k.shape[2], indices.shape[-1]))
+  return attend_selected(q, k, v, indices, jnp.broadcast_to(key_start, (b, t)))
+
+
 def window_attention(q, k, v, q_positions, k_positions, window: int, scale: float):
   """Sliding-window attention by a dense mask: queries at positions int[T] or [B,T] over keys
   at positions int[S] or [B,S] (negative positions are padding); a query sees the keys

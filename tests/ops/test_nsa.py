@@ -82,11 +82,11 @@ def test_window_selection_is_the_sliding_window(t, window, block, packed):
   cut at max(t-w+1, document start)) attends exactly like sliding_window_attention."""
   q, k, v = _qkv(5, 2, t, 2, 4)
   starts = _packed_starts(2, t, (13, 30)) if packed else None
-  indices, key_start = nsa.window_selection(t, window, block, starts)
-  assert indices.shape == (t, (window - 1) // block + 2)
-  indices = jnp.broadcast_to(indices[None, :, None], (2, t, 2, indices.shape[-1]))
-  got = selected_attention_gather(q, k, v, indices, block, 0.25,
-                                  key_start=jnp.broadcast_to(key_start, (2, t)))
+  assert nsa.window_selection(t, window, block)[0].shape == (t, (window - 1) // block + 2)
+
+  def gather(q, k, v, indices, key_start):
+    return selected_attention_gather(q, k, v, indices, block, 0.25, key_start=key_start)
+  got = nsa.window_through_selection(gather, q, k, v, window, block, starts)
   want = nsa.sliding_window_attention(q, k, v, window, 0.25, starts)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
