@@ -59,16 +59,18 @@ def bytes_per_token_per_layer(cache: DecodeCache) -> float:
   (layers * batch * slots); every stack of one model has the same figure. MLA: c_kv + k_pe.
   NSA: the selection keys/values plus the compressed state (about 1/d of a token per slot);
   its rings (a fixed l + w positions per row and layer) are not counted."""
-  def per_token(a: jax.Array | PerLayer) -> float:
-    if isinstance(a, PerLayer):  # L arrays [B,S,...]
-      return sum(map(_nbytes, a.arrays)) / (len(a.arrays) * math.prod(a.arrays[0].shape[:2]))
-    return _nbytes(a) / math.prod(a.shape[:3])
+  def nbytes(a: jax.Array | PerLayer) -> int:
+    return sum(map(_nbytes, a.arrays)) if isinstance(a, PerLayer) else _nbytes(a)
+
+  def layer_row_slots(a: jax.Array | PerLayer) -> int:
+    """L * B * S of a stacked [L,B,S,...] array or L PerLayer arrays [B,S,...]."""
+    if isinstance(a, PerLayer):
+      return len(a.arrays) * math.prod(a.arrays[0].shape[:2])
+    return math.prod(a.shape[:3])
 
   def per_slot(c) -> float:
-    if isinstance(c, NSACache):
-      slots = math.prod(c.k_slc.shape[:3])
-      return sum(_nbytes(a) for a in (c.k_slc, c.v_slc, c.k_cmp, c.v_cmp)) / slots
-    return per_token(c.c_kv) + per_token(c.k_pe)
+    growing = (c.k_slc, c.v_slc, c.k_cmp, c.v_cmp) if isinstance(c, NSACache) else c
+    return sum(map(nbytes, growing)) / layer_row_slots(growing[0])
   figures = {per_slot(c) for c in (cache.dense, cache.moe, cache.mtp) if c is not None}
   if len(figures) != 1:
     raise ValueError(f"cache stacks differ in bytes per token per layer: {sorted(figures)}")

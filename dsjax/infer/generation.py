@@ -29,7 +29,7 @@ from flax import nnx
 
 from dsjax.infer.cache import cache_nbytes, pad_slots
 from dsjax.infer.sampling import SamplingParams, sample_next
-from dsjax.model.stack import LatentCache, per_layer, unstack_layers
+from dsjax.model.stack import per_layer, unstack_layers
 from dsjax.model.transformer import DecodeCache, Transformer
 from dsjax.ops.latent_attention import ATTN_IMPLS
 
@@ -103,9 +103,9 @@ def _last_logits(model: Transformer, hidden, lengths) -> jax.Array:
 
 
 def _per_layer_cache(cache: DecodeCache) -> DecodeCache:
-  """The layer stacks' LatentCaches as PerLayer buffers (NSA caches stay stacked)."""
+  """The layer stacks' caches (MLA's LatentCache, NSA's NSACache) as PerLayer buffers."""
   def unstack(c):
-    return LatentCache(*map(per_layer, c)) if isinstance(c, LatentCache) else c
+    return c if c is None else type(c)(*map(per_layer, c))
   return cache._replace(dense=unstack(cache.dense), moe=unstack(cache.moe))
 
 

@@ -61,11 +61,18 @@ class Block(nnx.Module):
       h, update = self.attn.decode(self.attn_norm(x), cos, sin, cache, new_mask, attn_impl)
     return self._ffn(x + h, moe_impl)[0], update
 
-  def decode_in_place(self, x, cos, sin, c_kv, k_pe, positions, mask,
+  def decode_in_place(self, x, cos, sin, cache, positions, mask=None,
                       attn_impl: str = "absorb", moe_impl: str | None = None):
-    """MLA only: (x, (c_kv, k_pe) with the new tokens written); see MLA.decode_in_place."""
-    h, cache = self.attn.decode_in_place(self.attn_norm(x), cos, sin, c_kv, k_pe, positions,
-                                         mask, attn_impl)
+    """(x, the layer's cache after the step, the new tokens written into its buffers before
+    attention reads them). MLA: `cache` (c_kv [B,S,C], k_pe [B,S,R]), `mask` [B,1,T,S] the
+    visible slots (see MLA.decode_in_place). NSA: `cache` the layer's NSACache (see
+    NSAttention.decode with write_first)."""
+    if isinstance(self.attn, NSAttention):
+      h, cache = self.attn.decode(self.attn_norm(x), cos, sin, cache, positions,
+                                  write_first=True)
+    else:
+      h, cache = self.attn.decode_in_place(self.attn_norm(x), cos, sin, *cache, positions, mask,
+                                           attn_impl)
     return self._ffn(x + h, moe_impl)[0], cache
 
   def _ffn(self, x, moe_impl) -> tuple[jax.Array, Routing | None]:

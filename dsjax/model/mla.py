@@ -17,6 +17,7 @@ from dsjax.ops.attention import dot_product_attention
 from dsjax.ops.latent_attention import KeySegment, latent_attention
 from dsjax.ops.rope import apply_rope
 from dsjax.ops.linear import project
+from dsjax.ops.slots import write_at_slots
 
 
 class MLA(nnx.Module):
@@ -101,9 +102,8 @@ class MLA(nnx.Module):
     (out [B,T,D], the updated (c_kv, k_pe))."""
     q_nope, q_pe = self.project_queries(x, cos, sin)
     new_c, new_pe = self.project_latent(x, cos, sin)
-    rows = jnp.arange(x.shape[0])[:, None]
-    c_kv = c_kv.at[rows, positions].set(new_c.astype(c_kv.dtype))
-    k_pe = k_pe.at[rows, positions].set(new_pe.astype(k_pe.dtype))
+    c_kv = write_at_slots(c_kv, new_c, positions)
+    k_pe = write_at_slots(k_pe, new_pe, positions)
     out = self._attend_latent(q_nope, q_pe, (KeySegment(c_kv, k_pe, mask),), impl)
     return out, (c_kv, k_pe)
 

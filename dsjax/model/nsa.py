@@ -147,21 +147,24 @@ class NSAttention(nnx.Module):
     return self._mix(outs, gates), nsa_decode.prefill_cache(k, v, *compressed, self.nsa,
                                                             lengths, slots)
 
-  def decode_branches(self, x, cos, sin, cache: NSACache, positions):
+  def decode_branches(self, x, cos, sin, cache: NSACache, positions, write_first=False):
     """decode()'s parts: (branch outputs [3,B,T,N,Hv] float32, gates [B,T,N,3], selected
     blocks int32[B,T,KV,n], the layer's update; see nsa_decode.decode_branches)."""
     x, q, k, v = self._project(x, cos, sin)
     outs, indices, update = nsa_decode.decode_branches(
         q, k, v, cache, positions, self.nsa, self.nsa.head_dim ** -0.5, self.compress_k,
-        self.compress_v)
+        self.compress_v, write_first)
     return outs, self._gates(x), indices, update
 
-  def decode(self, x, cos, sin, cache: NSACache, positions) -> tuple[jax.Array, NSACache]:
+  def decode(self, x, cos, sin, cache: NSACache, positions, write_first: bool = False
+             ) -> tuple[jax.Array, NSACache]:
     """T new tokens x [B,T,D] at positions int[B,T] (consecutive per row; cos/sin at those
     positions) over the layer's decode state `cache` [B,...]. Returns (out [B,T,D], the
     update: the new tokens' selection keys/values [B,T,KV,*] in k_slc/v_slc, for the caller
-    to write at `positions`, and the compressed state and rings after the step)."""
-    outs, gates, _, update = self.decode_branches(x, cos, sin, cache, positions)
+    to write at `positions`, and the compressed state and rings after the step). With
+    `write_first`, the update is the whole state after the step, the new selection
+    keys/values written into the cache's buffers before the selection reads them."""
+    outs, gates, _, update = self.decode_branches(x, cos, sin, cache, positions, write_first)
     return self._mix(outs, gates), update
 
   def _compress(self, k, v):

@@ -12,6 +12,7 @@ from dsjax.model.block import Block
 from dsjax.model.param import AXES
 from dsjax.ops.latent_attention import KeySegment
 from dsjax.ops.nsa_decode import NSACache, write_selection_slots
+from dsjax.ops.slots import write_at_slots
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -87,9 +88,7 @@ def cache_slots(cache: LatentCache) -> int:
 
 def write_slots(cache: LatentCache, new: LatentCache, positions: jax.Array) -> LatentCache:
   """`cache` [L,B,S,...] with new [L,B,T,...] written at slots positions int[B,T]."""
-  rows = jnp.arange(positions.shape[0])[:, None]
-  return LatentCache(*(c.at[:, rows, positions].set(n.astype(c.dtype))
-                       for c, n in zip(cache, new)))
+  return LatentCache(*(write_at_slots(c, n, positions) for c, n in zip(cache, new)))
 
 
 def pad_slots(cache: LatentCache | None, slots: int, offset: int = 0) -> LatentCache | None:
@@ -148,9 +147,12 @@ class LayerStack(nnx.Module):
     MLA (`cache` a LatentCache): each layer attends over its cache slots (`cache_mask`
     [B,1,T,S]) and the new tokens (`new_mask` [B,1,T,T]). NSA (`cache` an NSACache): each layer
     reads its decode state and returns its compressed state and rings after the step.
-    The layers only read the per-token cache (MLA's latents, NSA's selection keys/values);
-    the new tokens' entries of all layers are written to slots `positions` once, after the
-    last layer (one in-place scatter when the cache buffer is donated)."""
+    Stacked caches: the layers only read the per-token cache (MLA's latents, NSA's selection
+    keys/values); the new tokens' entries of all layers are written to slots `positions`
+    once, after the last layer (one in-place scatter when the cache buffer is donated).
+    PerLayer caches: see _decode_per_layer."""
+    if _is_per_layer(cache[0]):
+      return self._decode_per_layer(x, cos, sin, cache, positions, attn_impl, moe_impl)
     graphdef, state = nnx.split(self.blocks)
     if isinstance(cache, NSACache):
       def body(h, layer):
@@ -165,26 +167,26 @@ class LayerStack(nnx.Module):
       return nnx.merge(graphdef, layer_state).decode(
           h, cos, sin, KeySegment(c_kv, k_pe, cache_mask), new_mask, attn_impl, moe_impl)
 
-    if _is_per_layer(cache.c_kv):
-      return self._decode_per_layer(x, cos, sin, cache, positions, attn_impl, moe_impl)
     x, (new_c, new_pe) = self._scan_layers(body, x, (state, cache.c_kv, cache.k_pe), scan)
     return x, write_slots(cache, LatentCache(new_c, new_pe), positions)
 
-  def _decode_per_layer(self, x, cos, sin, cache: LatentCache, positions, attn_impl, moe_impl):
-    """LayerStack.decode over a PerLayer LatentCache, unrolled: each layer first writes the
-    new tokens' latents into its own cache buffer (in place, the buffer being donated) and
-    then attends over that buffer alone, every slot up to the query's position. Reading a
-    buffer that is written later in the step, as the stacked path does, makes XLA copy it."""
+  def _decode_per_layer(self, x, cos, sin, cache: LatentCache | NSACache, positions,
+                        attn_impl, moe_impl):
+    """LayerStack.decode over a cache of PerLayer buffers, unrolled (Block.decode_in_place):
+    each layer first writes the new tokens' entries into its own buffers (in place, the cache
+    being donated) and then attends over them. Reading a buffer that is written later in the
+    step, as the stacked path does, makes XLA copy it."""
     graphdef, state = nnx.split(self.blocks)
-    mask = (jnp.arange(cache_slots(cache)) <= positions[:, :, None])[:, None]
-    c_kv, k_pe = [], []
+    mask = None
+    if isinstance(cache, LatentCache):  # every slot up to the query's position
+      mask = (jnp.arange(cache_slots(cache)) <= positions[:, :, None])[:, None]
+    after = []
     for i in range(self.num_layers):
       block = nnx.merge(graphdef, layer_slice(state, i))
-      x, (c, p) = block.decode_in_place(x, cos, sin, cache.c_kv.arrays[i], cache.k_pe.arrays[i],
-                                        positions, mask, attn_impl, moe_impl)
-      c_kv.append(c)
-      k_pe.append(p)
-    return x, LatentCache(PerLayer(c_kv), PerLayer(k_pe))
+      x, layer_cache = block.decode_in_place(x, cos, sin, layer_slice(cache, i), positions, mask,
+                                             attn_impl, moe_impl)
+      after.append(layer_cache)
+    return x, type(cache)(*(PerLayer(field) for field in zip(*after)))
 
   def _scan_layers(self, body, x, layers, scan: bool | None):
     """body(h, one layer's slice of `layers`) -> (h, out) over the layers, scanned or

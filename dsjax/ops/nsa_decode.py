@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from dsjax.ops.nsa import (compression_and_selection, grouped_attention,
                            num_compressed_blocks, window_attention)
+from dsjax.ops.slots import write_at_slots
 from pallas_kernels.nsa.reference import gather_selected
 
 
@@ -174,12 +175,15 @@ def selected_attention(q, k_cache, v_cache, k_new, v_new, indices, block: int, p
   """Attention of q [B,T,N,H] at positions [B,T] (consecutive per row) over the tokens at
   positions <= its own of its selected blocks indices [B,T,KV,n] (-1: none), gathered: n*l'
   keys per query and KV head, from this step's k_new/v_new [B,T,KV,*] for positions at or
-  after the row's first new one and from the cache [B,S,KV,*] before it. -> [B,T,N,Hv]."""
+  after the row's first new one and from the cache [B,S,KV,*] before it (k_new/v_new None:
+  the cache holds this step's tokens already). -> [B,T,N,Hv]."""
   b, t = positions.shape
   kv = k_cache.shape[2]
   first = positions[:, :1, None, None]  # [B,1,1,1]: gather_selected's per-row query offset
   k_old, allowed = gather_selected(k_cache, indices, block, first)
   v_old, _ = gather_selected(v_cache, indices, block, first)
+  if k_new is None:
+    return _attend(q, k_old, v_old, allowed, scale)
   pos = (indices[..., None] * block + jnp.arange(block, dtype=jnp.int32)).reshape(b, t, kv, -1)
   fresh = (pos >= first)[..., None]  # this step's tokens are not in the cache yet
   step = jnp.clip(pos - first, 0, t - 1)
@@ -201,7 +205,7 @@ def window_attention_decode(q, k_ring, v_ring, k_new, v_new, positions, window: 
 
 
 def decode_branches(q, k, v, cache: NSACache, positions, nsa, scale: float, phi_k: Callable,
-                    phi_v: Callable):
+                    phi_v: Callable, write_first: bool = False):
   """The three branches for T new tokens per row.
 
   q [B,T,N,H] at positions int[B,T] (consecutive per row); k, v: this step's rotated keys and
@@ -210,32 +214,41 @@ def decode_branches(q, k, v, cache: NSACache, positions, nsa, scale: float, phi_
   -> (outputs [3,B,T,N,Hv] float32, block indices int32[B,T,KV,n], the layer's update: an
   NSACache whose k_slc/v_slc are the new tokens' selection keys/values [B,T,KV,*], for the
   caller to write at `positions`, and whose other fields are the state after the step).
+  write_first: the new tokens' selection keys/values are first written into the cache's
+  k_slc/v_slc, which the selection then reads alone, and the update holds those buffers: a
+  donated per-layer cache is then updated in place (reading a buffer that is written
+  afterwards makes XLA copy it).
   """
   length, stride = nsa.compress_block, nsa.compress_stride
   k_cmp, v_cmp = update_compressed(cache.k_cmp, cache.v_cmp, cache.k_raw, cache.v_raw, k[0],
                                    v[0], positions, length, stride, phi_k, phi_v)
   o_cmp, indices = compression_and_selection(q, k_cmp, v_cmp, positions,
                                              cache.k_slc.shape[1], nsa, scale)
-  o_slc = selected_attention(q, cache.k_slc, cache.v_slc, k[1], v[1], indices,
-                             nsa.select_block, positions, scale)
+  if write_first:
+    k_slc = write_at_slots(cache.k_slc, k[1], positions, 2)
+    v_slc = write_at_slots(cache.v_slc, v[1], positions, 2)
+    o_slc = selected_attention(q, k_slc, v_slc, None, None, indices, nsa.select_block,
+                               positions, scale)
+  else:
+    k_slc, v_slc = k[1].astype(cache.k_slc.dtype), v[1].astype(cache.v_slc.dtype)
+    o_slc = selected_attention(q, cache.k_slc, cache.v_slc, k[1], v[1], indices,
+                               nsa.select_block, positions, scale)
   o_win = window_attention_decode(q, cache.k_win, cache.v_win, k[2], v[2], positions,
                                   nsa.window, scale)
   outs = jnp.stack([o.astype(jnp.float32) for o in (o_cmp, o_slc, o_win)])
   update = NSACache(
-      k[1].astype(cache.k_slc.dtype), v[1].astype(cache.v_slc.dtype), k_cmp, v_cmp,
+      k_slc, v_slc, k_cmp, v_cmp,
       ring_write(cache.k_raw, k[0], positions), ring_write(cache.v_raw, v[0], positions),
       ring_write(cache.k_win, k[2], positions), ring_write(cache.v_win, v[2], positions))
   return outs, indices, update
 
 
 def write_selection_slots(cache: NSACache, update: NSACache, positions) -> NSACache:
-  """A stack's state [L,B,...] after a step: `update` [L,B,...] (decode_branches' update of
-  every layer) with its new selection keys/values [L,B,T,KV,*] written at slots positions
-  int[B,T] of the cache's (one in-place scatter when the cache is donated)."""
-  rows = _rows(positions.shape[0])
-  write = lambda c, n: c.at[:, rows, positions].set(n.astype(c.dtype))
-  return update._replace(k_slc=write(cache.k_slc, update.k_slc),
-                         v_slc=write(cache.v_slc, update.v_slc))
+  """A layer's state [B,...] (or a stack's, [L,B,...]) after a step: `update`
+  (decode_branches' update) with its new selection keys/values [(L,)B,T,KV,*] written at
+  slots positions int[B,T] of the cache's (one in-place scatter when the cache is donated)."""
+  return update._replace(k_slc=write_at_slots(cache.k_slc, update.k_slc, positions, 2),
+                         v_slc=write_at_slots(cache.v_slc, update.v_slc, positions, 2))
 
 
 def values_per_token(nsa, slots: int) -> float:

@@ -18,8 +18,9 @@ import dsjax
 from dsjax.config import NSAConfig, RopeConfig
 from dsjax.infer import Generator, bytes_per_token_per_layer
 from dsjax.infer.cache import pad_slots
-from dsjax.infer.generation import compiled_steps
+from dsjax.infer.generation import _per_layer_cache, compiled_steps
 from dsjax.model.nsa import NSAttention
+from dsjax.model.stack import unstack_layers
 from dsjax.model.param import RouterBias
 from dsjax.ops import nsa_decode
 from dsjax.ops.rope import rope_cos_sin
@@ -79,14 +80,18 @@ def _decode(graphdef, state, cache, ids, positions):
   return logits, cache
 
 
+@pytest.mark.parametrize("layout", ["stacked", "per_layer"])
 @pytest.mark.parametrize("step", [1, 3])
-def test_prefill_and_decode_equal_the_full_forward(model, reference, step):
+def test_prefill_and_decode_equal_the_full_forward(model, reference, step, layout):
   """Rows of prompt lengths 13, 30, 5, 21 (padded to 32 with other tokens, whose slots and
-  blocks are stale), then 30 tokens each, `step` per decode call."""
+  blocks are stale), then 30 tokens each, `step` per decode call; with the stacked cache, or
+  per-layer weights and buffers (each layer writing its new selection keys/values first)."""
   ids, full = reference
   graphdef, state = nnx.split(model)
   prompt = jnp.where(jnp.arange(PROMPT_PAD) < LENGTHS[:, None], ids[:, :PROMPT_PAD], 7)
   cache = _prefill(graphdef, state, prompt, LENGTHS, slots=SLOTS)
+  if layout == "per_layer":
+    state, cache = unstack_layers(state), _per_layer_cache(cache)
   for start in range(0, STEPS, step):
     positions = jnp.asarray(LENGTHS[:, None] + start + np.arange(step), jnp.int32)
     logits, cache = _decode(graphdef, state, cache, jnp.take_along_axis(ids, positions, 1),
@@ -96,15 +101,16 @@ def test_prefill_and_decode_equal_the_full_forward(model, reference, step):
                                atol=1e-4, rtol=1e-4, err_msg=f"positions {positions[:, 0]}")
 
 
-def test_greedy_generate_equals_repeated_forward(model):
-  """dsjax.generate (prefill + decode with NSA's decode state) against greedy decoding by
-  full forward passes: the argmax of the logits at each row's last token, appended. The
-  forward runs at a fixed padded length (causality makes the padding irrelevant), so it
-  compiles once."""
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
+def test_greedy_generate_equals_repeated_forward(model, layout):
+  """dsjax.generate (prefill + decode with NSA's decode state, per-layer buffers written in
+  place or stacked) against greedy decoding by full forward passes: the argmax of the logits
+  at each row's last token, appended. The forward runs at a fixed padded length (causality
+  makes the padding irrelevant), so it compiles once."""
   rng = np.random.default_rng(5)
   prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (7, 19, 12, 30)]
   new = 26
-  got = dsjax.generate(model, prompts, max_new_tokens=new)
+  got = dsjax.generate(model, prompts, max_new_tokens=new, layout=layout)
   ids = np.zeros((len(prompts), TOTAL), np.int32)
   lengths = np.array([len(p) for p in prompts])
   for row, prompt in enumerate(prompts):
@@ -136,6 +142,10 @@ def test_cache_layout_and_bytes():
   assert cache.moe.k_win.shape[2] == NSA.window
   values = kv * (h + NSA.v_head_dim)
   assert bytes_per_token_per_layer(cache) == pytest.approx(values * 4 * (1 + blocks / 128))
+  per_layer = _per_layer_cache(cache)
+  assert len(per_layer.moe.k_slc.arrays) == 1 and per_layer.moe.k_slc.arrays[0].shape == (
+      2, 128, kv, h)
+  assert bytes_per_token_per_layer(per_layer) == bytes_per_token_per_layer(cache)
   assert nsa_decode.values_per_token(NSA, 128) == pytest.approx(values * (1 + blocks / 128))
   total = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
   assert total == 2 * 2 * 4 * values * (128 + blocks + NSA.compress_block + NSA.window)
