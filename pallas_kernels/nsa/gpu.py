@@ -3,10 +3,10 @@
 Group-centric, as in the NSA paper: a program owns one query t and one kv head h, loads the
 G query heads of that group as one [G, D] tile and streams the S selected key/value blocks
 through it, so each selected block is read once per group rather than once per query head.
-Refs are whole arrays in global memory; masked loads cut the blocks at the sequence end, at
-the query (causality), before the query's first allowed key (key_start: packed documents) and
-at the power-of-two padding Triton tiles need (tl.dot wants every
-dim >= 16, so G=1 or l'=8 run on padded tiles whose extra rows/columns are masked out).
+Refs are whole arrays in global memory; masked loads cut the blocks at the sequence end,
+after the query's last allowed key (its position, or key_end), before its first (key_start:
+packed documents) and at the power-of-two padding Triton tiles need (tl.dot wants every dim
+>= 16, so G=1 or l'=8 run on padded tiles whose extra rows/columns are masked out).
 
   forward: grid (T, B*H), online softmax over the S blocks, f32 accumulation; saves lse.
   dq:      grid (T, B*H), the same walk, recomputing probabilities from lse.
@@ -78,10 +78,10 @@ def _key_block(ref, b, h, j, width, dims: _Dims):
   return _load(sub, rows_ok, cols_ok), rows_ok
 
 
-def _allowed(j, t, start, key_ok, dims: _Dims):
-  """Which of key block j's tile rows query t may read: in the sequence, in [start, t]."""
+def _allowed(j, start, end, key_ok, dims: _Dims):
+  """Which of key block j's tile rows a query may read: in the sequence, in [start, end]."""
   key_pos = j * dims.block_size + jnp.arange(dims.tiles[3])
-  return key_ok & (key_pos <= t) & (key_pos >= start)
+  return key_ok & (key_pos <= end) & (key_pos >= start)
 
 
 def _program_ids(dims: _Dims):
@@ -89,19 +89,19 @@ def _program_ids(dims: _Dims):
   return bh // dims.num_heads, bh % dims.num_heads
 
 
-def _fwd_kernel(idx_ref, start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, dims: _Dims,
-                num_slots: int):
+def _fwd_kernel(idx_ref, start_ref, end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+                dims: _Dims, num_slots: int):
   t = pl.program_id(0)
   b, h = _program_ids(dims)
   g_tile, _, v_tile, _ = dims.tiles
-  start = start_ref[b, t]
+  start, end = start_ref[b, t], end_ref[b, t]
   q = _load(*_group_rows(q_ref, b, t, h, dims.head_dim, dims))
 
   def attend(j, carry):
     m, denom, acc = carry
     kb, key_ok = _key_block(k_ref, b, h, j, dims.head_dim, dims)
     vb, _ = _key_block(v_ref, b, h, j, dims.value_dim, dims)
-    allowed = _allowed(j, t, start, key_ok, dims)
+    allowed = _allowed(j, start, end, key_ok, dims)
     scores = jnp.where(allowed[None, :], _dot(q, kb, trans_b=True) * dims.scale, -jnp.inf)
     # The block has an allowed key (selects_block), so m_new is finite on every row.
     m_new = jnp.maximum(m, jnp.max(scores, axis=1))
@@ -112,7 +112,7 @@ def _fwd_kernel(idx_ref, start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, dims
 
   def slot(s, carry):
     j = idx_ref[b, t, h, s]
-    return lax.cond(selects_block(j, dims.block_size, t, start),
+    return lax.cond(selects_block(j, dims.block_size, end, start),
                     functools.partial(attend, j), lambda c: c, carry)
 
   init = (jnp.full((g_tile,), -jnp.inf, jnp.float32), jnp.zeros((g_tile,), jnp.float32),
@@ -143,12 +143,12 @@ def _probabilities_and_dscores(q, do, lse, delta, kb, vb, allowed, dims: _Dims):
   return p, p * (dp - delta[:, None])
 
 
-def _dq_kernel(idx_ref, start_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               dims: _Dims, num_slots: int):
+def _dq_kernel(idx_ref, start_ref, end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, *, dims: _Dims, num_slots: int):
   t = pl.program_id(0)
   b, h = _program_ids(dims)
   g_tile, d_tile, _, _ = dims.tiles
-  start = start_ref[b, t]
+  start, end = start_ref[b, t], end_ref[b, t]
   q = _load(*_group_rows(q_ref, b, t, h, dims.head_dim, dims))
   do = _load(*_group_rows(do_ref, b, t, h, dims.value_dim, dims))
   lse, delta = _row_stats(lse_ref, b, t, h, dims), _row_stats(delta_ref, b, t, h, dims)
@@ -156,13 +156,13 @@ def _dq_kernel(idx_ref, start_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_r
   def grad(j, acc):
     kb, key_ok = _key_block(k_ref, b, h, j, dims.head_dim, dims)
     vb, _ = _key_block(v_ref, b, h, j, dims.value_dim, dims)
-    allowed = _allowed(j, t, start, key_ok, dims)
+    allowed = _allowed(j, start, end, key_ok, dims)
     _, ds = _probabilities_and_dscores(q, do, lse, delta, kb, vb, allowed[None, :], dims)
     return acc + _dot(ds.astype(kb.dtype), kb)
 
   def slot(s, acc):
     j = idx_ref[b, t, h, s]
-    return lax.cond(selects_block(j, dims.block_size, t, start),
+    return lax.cond(selects_block(j, dims.block_size, end, start),
                     functools.partial(grad, j), lambda a: a, acc)
 
   acc = lax.fori_loop(0, num_slots, slot, jnp.zeros((g_tile, d_tile), jnp.float32))
@@ -171,8 +171,8 @@ def _dq_kernel(idx_ref, start_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_r
               mask=rows_ok[:, None] & cols_ok[None, :])
 
 
-def _dkdv_kernel(starts_ref, queries_ref, key_starts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                 delta_ref, dk_ref, dv_ref, *, dims: _Dims):
+def _dkdv_kernel(starts_ref, queries_ref, key_starts_ref, key_ends_ref, q_ref, k_ref, v_ref,
+                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, dims: _Dims):
   j = pl.program_id(0)
   b, h = _program_ids(dims)
   _, d_tile, v_tile, l_tile = dims.tiles
@@ -186,7 +186,8 @@ def _dkdv_kernel(starts_ref, queries_ref, key_starts_ref, q_ref, k_ref, v_ref, d
     q = _load(q_sub, rows_ok, cols_ok)
     do = _load(*_group_rows(do_ref, b, t, h, dims.value_dim, dims))
     lse, delta = _row_stats(lse_ref, b, t, h, dims), _row_stats(delta_ref, b, t, h, dims)
-    allowed = rows_ok[:, None] & _allowed(j, t, key_starts_ref[b, h, e], key_ok, dims)[None, :]
+    first, last = key_starts_ref[b, h, e], key_ends_ref[b, h, e]
+    allowed = rows_ok[:, None] & _allowed(j, first, last, key_ok, dims)[None, :]
     p, ds = _probabilities_and_dscores(q, do, lse, delta, kb, vb, allowed, dims)
     dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
     dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
@@ -222,10 +223,10 @@ def _grouped(x, dims: _Dims):
   return x.reshape(b, t, dims.num_heads, dims.group, e)
 
 
-def forward_gpu(q, k, v, block_indices, key_start, block_size: int, scale: float, *, tiling,
+def forward_gpu(q, k, v, block_indices, key_range, block_size: int, scale: float, *, tiling,
                 interpret: bool):
-  """q [B,T,HQ,D], k [B,T,H,D], v [B,T,H,Dv], block_indices int32 [B,T,H,S], key_start
-  int32 [B,T] -> (o [B,T,HQ,Dv] in q's dtype, lse f32 [B,T,HQ])."""
+  """q [B,T,HQ,D], k [B,T,H,D], v [B,T,H,Dv], block_indices int32 [B,T,H,S], key_range =
+  (key_start, key_end) int32 [B,T] -> (o [B,T,HQ,Dv] in q's dtype, lse f32 [B,T,HQ])."""
   dims = _dims(q, k, v, block_size, scale)
   b, t, hq, _ = q.shape
   out_shape = (jax.ShapeDtypeStruct((b, t, dims.num_heads, dims.group, dims.value_dim),
@@ -233,11 +234,11 @@ def forward_gpu(q, k, v, block_indices, key_start, block_size: int, scale: float
                jax.ShapeDtypeStruct((b, t, dims.num_heads, dims.group), jnp.float32))
   kernel = functools.partial(_fwd_kernel, dims=dims, num_slots=block_indices.shape[-1])
   o, lse = _call(kernel, out_shape, (t, b * dims.num_heads), tiling, interpret,
-                 "nsa_selected_fwd_gpu")(block_indices, key_start, _grouped(q, dims), k, v)
+                 "nsa_selected_fwd_gpu")(block_indices, *key_range, _grouped(q, dims), k, v)
   return o.reshape(b, t, hq, dims.value_dim), lse.reshape(b, t, hq)
 
 
-def backward_gpu(q, k, v, block_indices, key_start, lse, delta, do, lists, block_size: int,
+def backward_gpu(q, k, v, block_indices, key_range, lse, delta, do, lists, block_size: int,
                  scale: float, *, tiling, interpret: bool):
   """The gradients (dq, dk, dv) in the dtypes of (q, k, v). lse, delta f32 [B,T,HQ];
   do [B,T,HQ,Dv]; lists = metadata.block_query_lists(...)."""
@@ -248,11 +249,11 @@ def backward_gpu(q, k, v, block_indices, key_start, lse, delta, do, lists, block
   dq_kernel = functools.partial(_dq_kernel, dims=dims, num_slots=block_indices.shape[-1])
   dq = _call(dq_kernel, jax.ShapeDtypeStruct(qg.shape, q.dtype), (t, b * dims.num_heads),
              tiling, interpret, "nsa_selected_dq_gpu")(
-                 block_indices, key_start, qg, k, v, dog, lse, delta)
-  queries, starts, key_starts = lists
+                 block_indices, *key_range, qg, k, v, dog, lse, delta)
+  queries, starts, key_starts, key_ends = lists
   num_blocks = starts.shape[-1] - 1
   dk, dv = _call(functools.partial(_dkdv_kernel, dims=dims),
                  (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
                  (num_blocks, b * dims.num_heads), tiling, interpret, "nsa_selected_dkdv_gpu")(
-                     starts, queries, key_starts, qg, k, v, dog, lse, delta)
+                     starts, queries, key_starts, key_ends, qg, k, v, dog, lse, delta)
   return dq.reshape(b, t, hq, d), dk, dv

@@ -13,44 +13,48 @@ import jax
 import jax.numpy as jnp
 
 
-def selects_block(block_indices: jax.Array, block_size: int, query_pos, key_start=0
+def selects_block(block_indices: jax.Array, block_size: int, key_end, key_start=0
                   ) -> jax.Array:
   """Whether an entry of block_indices names a block with at least one allowed key for its
-  query: j >= 0, j*l' <= t and (j+1)*l' > key_start, the query's first allowed key (its
-  document's start in a packed row, <= t). Then the block's token max(j*l', key_start) is
-  allowed; j < cdiv(T, l') follows from t < T. Entries that fail it contribute nothing and
-  are skipped."""
-  return ((block_indices >= 0) & (block_indices * block_size <= query_pos)
-          & ((block_indices + 1) * block_size > key_start))
+  query, whose allowed keys are key_start .. key_end (by default 0 .. the query's own
+  position t; key_end < T): j >= 0, j*l' <= key_end, (j+1)*l' > key_start and key_start <=
+  key_end. Then the block's token max(j*l', key_start) is allowed. Entries that fail it
+  contribute nothing and are skipped."""
+  return ((block_indices >= 0) & (block_indices * block_size <= key_end)
+          & ((block_indices + 1) * block_size > key_start) & (key_start <= key_end))
 
 
 class QueryLists(NamedTuple):
   """queries[b, h, starts[b,h,j] : starts[b,h,j+1]] are the query positions t (ascending)
-  whose row selects key block j, and key_starts the same entries' first allowed keys.
-  Entries past starts[b,h,num_blocks] are the skipped pairs and are never read as a list."""
+  whose row selects key block j; key_starts and key_ends are the same entries' first and
+  last allowed keys. Entries past starts[b,h,num_blocks] are the skipped pairs and are
+  never read as a list."""
   queries: jax.Array     # int32 [B,H,T*S]
   starts: jax.Array      # int32 [B,H,num_blocks+1]
   key_starts: jax.Array  # int32 [B,H,T*S]
+  key_ends: jax.Array    # int32 [B,H,T*S]
 
 
 def block_query_lists(block_indices: jax.Array, block_size: int, num_blocks: int,
-                      key_start: jax.Array | None = None) -> QueryLists:
-  """block_indices [B,T,H,S] (and each query's first allowed key, key_start int[B,T], or
-  None for 0) -> the QueryLists of every key block. Pairs that fail selects_block (-1, a
-  block wholly after the query or wholly before its key_start) are left out."""
+                      key_start: jax.Array | None = None, key_end: jax.Array | None = None
+                      ) -> QueryLists:
+  """block_indices [B,T,H,S] (and each query's first and last allowed keys, key_start and
+  key_end int[B,T], None for 0 and the query's position) -> the QueryLists of every key
+  block. Pairs that fail selects_block (-1, a block wholly after key_end or wholly before
+  key_start) are left out."""
   b, t, h, s = block_indices.shape
   idx = jnp.transpose(block_indices.astype(jnp.int32), (0, 2, 1, 3)).reshape(b, h, t * s)
-  query_pos = jnp.broadcast_to(jnp.repeat(jnp.arange(t, dtype=jnp.int32), s), idx.shape)
-  if key_start is None:
-    first_key = jnp.zeros_like(idx)
-  else:
-    first_key = jnp.broadcast_to(jnp.repeat(key_start.astype(jnp.int32), s, axis=1)[:, None],
-                                 idx.shape)
-  key = jnp.where(selects_block(idx, block_size, query_pos, first_key), idx, num_blocks)
+
+  def per_pair(x):  # int[B,T] -> the value of each (query, slot) pair, [B,H,T*S]
+    return jnp.broadcast_to(jnp.repeat(x.astype(jnp.int32), s, axis=1)[:, None], idx.shape)
+  query_pos = per_pair(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+  first_key = jnp.zeros_like(idx) if key_start is None else per_pair(key_start)
+  last_key = query_pos if key_end is None else per_pair(key_end)
+  key = jnp.where(selects_block(idx, block_size, last_key, first_key), idx, num_blocks)
   # A stable sort keeps each block's queries ascending, so dk/dv sum in a fixed order.
-  sorted_key, queries, key_starts = jax.lax.sort((key, query_pos, first_key), dimension=2,
-                                                 is_stable=True, num_keys=1)
+  sorted_key, queries, key_starts, key_ends = jax.lax.sort(
+      (key, query_pos, first_key, last_key), dimension=2, is_stable=True, num_keys=1)
   bounds = jnp.arange(num_blocks + 1, dtype=jnp.int32)
   starts = jax.vmap(jax.vmap(lambda row: jnp.searchsorted(row, bounds, side="left")))(
       sorted_key)
-  return QueryLists(queries, starts.astype(jnp.int32), key_starts)
+  return QueryLists(queries, starts.astype(jnp.int32), key_starts, key_ends)

@@ -11,6 +11,8 @@ Semantics (the kernels are tested against these; they match fla-core's
     default. A query with no allowed key gives 0 and log-sum-exp -inf.
   - key_start int[B,T] (optional; None = 0): query t's first allowed key, e.g. the start of
     its document in a packed row; tokens of a selected block before it are masked.
+  - key_end int[B,T] (optional; None = t): query t's last allowed key, in place of its own
+    position (e.g. compressed keys, whose index is not a token position); key_end < T.
   - Indices in a row are distinct apart from -1 (they come from a top-n). A repeated index
     counts once in the dense oracle but twice in the gather path and the kernels.
 
@@ -30,12 +32,16 @@ def default_scale(head_dim: int) -> float:
 
 
 def allowed_keys(block_indices: jax.Array, block_size: int, seq_len: int,
-                 key_start: jax.Array | None = None) -> jax.Array:
-  """block_indices [B,T,H,S] (key_start int[B,T] or None) -> bool [B,T,H,T]: key s is
-  allowed for query t."""
+                 key_start: jax.Array | None = None, key_end: jax.Array | None = None
+                 ) -> jax.Array:
+  """block_indices [B,T,H,S] (key_start, key_end int[B,T] or None) -> bool [B,T,H,T]: key s
+  is allowed for query t."""
   keys = jnp.arange(seq_len, dtype=jnp.int32)
   selected = jnp.any(block_indices[..., :, None] == keys // block_size, axis=-2)
-  allowed = selected & (keys[None, :] <= keys[:, None])[None, :, None, :]
+  if key_end is None:
+    allowed = selected & (keys[None, :] <= keys[:, None])[None, :, None, :]
+  else:
+    allowed = selected & (keys <= key_end[:, :, None, None])
   if key_start is not None:
     allowed = allowed & (keys >= key_start[:, :, None, None])
   return allowed
@@ -64,7 +70,7 @@ def _split_heads(q, num_kv_heads: int):
 
 
 def selected_attention_reference(q, k, v, block_indices, block_size: int, scale=None,
-                                 return_lse: bool = False, key_start=None):
+                                 return_lse: bool = False, key_start=None, key_end=None):
   """The dense-mask oracle: -> o [B,T,HQ,Dv] (q's dtype), and lse [B,T,HQ] (f32) when
   return_lse. Computed in float32 at HIGHEST precision."""
   b, t, hq, d = q.shape
@@ -72,7 +78,7 @@ def selected_attention_reference(q, k, v, block_indices, block_size: int, scale=
   scale = default_scale(d) if scale is None else scale
   qg = _split_heads(q, h)
   scores = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32), precision=_HIGHEST)
-  mask = allowed_keys(block_indices, block_size, t, key_start)[:, :, :, None, :]
+  mask = allowed_keys(block_indices, block_size, t, key_start, key_end)[:, :, :, None, :]
   p, lse = _masked_softmax(scores * scale, mask)
   o = jnp.einsum("bthgs,bshe->bthge", p, v.astype(jnp.float32), precision=_HIGHEST)
   o = o.reshape(b, t, hq, v.shape[-1]).astype(q.dtype)
@@ -80,18 +86,22 @@ def selected_attention_reference(q, k, v, block_indices, block_size: int, scale=
 
 
 def gather_selected(x: jax.Array, block_indices: jax.Array, block_size: int,
-                    query_offset: int = 0, key_start=None):
+                    query_offset: int = 0, key_start=None, key_end=None):
   """x [B,T,H,E], block_indices [B,Tq,H,S] of the queries at positions query_offset ..
   query_offset+Tq-1 -> (the selected tokens [B,Tq,H,S*l',E], whether each is an allowed key
   [B,Tq,H,S*l']). Positions of -1 blocks and past the query are clipped into range (and
-  marked not allowed), so the gather never reads out of bounds. key_start int[B,Tq] (or
-  None): each query's first allowed key (packed documents)."""
+  marked not allowed), so the gather never reads out of bounds. key_start, key_end
+  int[B,Tq] (or None): each query's first allowed key (packed documents) and last (None:
+  its position)."""
   b, t, h, _ = x.shape
   tq, s = block_indices.shape[1], block_indices.shape[-1]
   offsets = jnp.arange(block_size, dtype=jnp.int32)
   pos = (block_indices[..., None] * block_size + offsets).reshape(b, tq, h, s * block_size)
-  query_pos = query_offset + jnp.arange(tq, dtype=jnp.int32)[None, :, None, None]
-  valid = jnp.repeat(block_indices >= 0, block_size, axis=-1) & (pos <= query_pos) & (pos < t)
+  if key_end is None:
+    last = query_offset + jnp.arange(tq, dtype=jnp.int32)[None, :, None, None]
+  else:
+    last = key_end[:, :, None, None]
+  valid = jnp.repeat(block_indices >= 0, block_size, axis=-1) & (pos <= last) & (pos < t)
   if key_start is not None:
     valid = valid & (pos >= key_start[:, :, None, None])
   pos = jnp.clip(pos, 0, t - 1)
@@ -102,16 +112,17 @@ def gather_selected(x: jax.Array, block_indices: jax.Array, block_size: int,
 
 def selected_attention_gather(q, k, v, block_indices, block_size: int, scale=None,
                               return_lse: bool = False, query_offset: int = 0,
-                              key_start=None):
+                              key_start=None, key_end=None):
   """The gather path: same result as the oracle (up to rounding), memory O(T*S*l'*D).
   q and block_indices may cover only the queries query_offset .. query_offset+Tq-1 (k and v
   all keys), so long sequences can be processed in query chunks. key_start int[B,Tq]: each
-  query's first allowed key (packed documents; None: every key up to the query)."""
+  query's first allowed key (packed documents; None: every key up to the query); key_end
+  int[B,Tq]: its last (None: its position)."""
   b, t, hq, d = q.shape
   h = k.shape[2]
   scale = default_scale(d) if scale is None else scale
   k_sel, valid = gather_selected(k.astype(jnp.float32), block_indices, block_size,
-                                 query_offset, key_start)
+                                 query_offset, key_start, key_end)
   v_sel, _ = gather_selected(v.astype(jnp.float32), block_indices, block_size, query_offset)
   scores = jnp.einsum("bthgd,bthnd->bthgn", _split_heads(q, h), k_sel, precision=_HIGHEST)
   p, lse = _masked_softmax(scores * scale, valid[:, :, :, None, :])

@@ -5,9 +5,9 @@ and walks, query by query, their S selected key blocks. The G query heads of the
 one [G, D] tile, so each selected K/V block is copied from HBM once per group.
 
 SMEM: the block indices are not scalar-prefetched (T*S int32 outgrow SMEM at long context).
-They arrive as an SMEM BlockSpec block holding only this step's tc*S entries, next to one
-holding its tc queries' first allowed keys (key_start), which the Pallas pipeline copies in
-step by step, so SMEM use does not grow with T.
+They arrive as an SMEM BlockSpec block holding only this step's tc*S entries, next to two
+holding its tc queries' first and last allowed keys (key_start, key_end), which the Pallas
+pipeline copies in step by step, so SMEM use does not grow with T.
 
 K/V stay in HBM (memory_space ANY): a BlockSpec index map names one block per step, so the
 kernel copies the selected blocks itself, double buffered (the next selected block is in
@@ -85,17 +85,16 @@ def _block_copies(k_hbm, v_hbm, k_buf, v_buf, sems, block_size: int):
   return copies
 
 
-def _block_of(idx_ref, start_ref, tc: int, num_slots: int, block_size: int):
+def _block_of(idx_ref, start_ref, end_ref, num_slots: int, block_size: int):
   """(row, slot) -> the selected block, or -1 where the entry adds nothing."""
   def block_of(r, s):
     j = idx_ref[r * num_slots + s]
-    t = pl.program_id(2) * tc + r
-    return jnp.where(selects_block(j, block_size, t, start_ref[r]), j, -1)
+    return jnp.where(selects_block(j, block_size, end_ref[r], start_ref[r]), j, -1)
   return block_of
 
 
-def _fwd_kernel(idx_ref, start_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, v_buf, sems, *,
-                tc: int, num_slots: int, block_size: int, scale: float):
+def _fwd_kernel(idx_ref, start_ref, end_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, v_buf,
+                sems, *, tc: int, num_slots: int, block_size: int, scale: float):
   g, dv = o_ref.shape[1], o_ref.shape[2]
 
   def row_start(r):
@@ -105,10 +104,9 @@ def _fwd_kernel(idx_ref, start_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, 
   def visit(r, q, j, buffer, state):
     m_prev, denom, acc = state
     scores = common.dot(q, k_buf[buffer], common.NT) * scale
-    t = pl.program_id(2) * tc + r
     # The block has an allowed key (selects_block), so m_new is finite on every row.
-    scores = jnp.where(common.allowed(scores.shape, j, block_size, t, start_ref[r]), scores,
-                       -jnp.inf)
+    allowed = common.allowed(scores.shape, j, block_size, start_ref[r], end_ref[r])
+    scores = jnp.where(allowed, scores, -jnp.inf)
     m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
     alpha = jnp.exp(m_prev - m_new)
     p = jnp.exp(scores - m_new)
@@ -127,13 +125,13 @@ def _fwd_kernel(idx_ref, start_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, 
     return jnp.where(lanes == r, lse, lse_rows)
 
   lse_ref[...] = _stream_selected_blocks(
-      tc, num_slots, _block_of(idx_ref, start_ref, tc, num_slots, block_size),
+      tc, num_slots, _block_of(idx_ref, start_ref, end_ref, num_slots, block_size),
       _block_copies(k_hbm, v_hbm, k_buf, v_buf, sems, block_size), row_start, visit, row_end,
       jnp.zeros(lse_ref.shape, jnp.float32))
 
 
-def _dq_kernel(idx_ref, start_ref, q_ref, k_hbm, v_hbm, do_ref, stats_ref, dq_ref, k_buf, v_buf,
-               sems, *, tc: int, num_slots: int, block_size: int, scale: float):
+def _dq_kernel(idx_ref, start_ref, end_ref, q_ref, k_hbm, v_hbm, do_ref, stats_ref, dq_ref,
+               k_buf, v_buf, sems, *, tc: int, num_slots: int, block_size: int, scale: float):
   g, d = dq_ref.shape[1], dq_ref.shape[2]
 
   def row_start(r):
@@ -143,8 +141,7 @@ def _dq_kernel(idx_ref, start_ref, q_ref, k_hbm, v_hbm, do_ref, stats_ref, dq_re
 
   def visit(r, operands, j, buffer, acc):
     k = k_buf[buffer]
-    t = pl.program_id(2) * tc + r
-    allowed = common.allowed((g, block_size), j, block_size, t, start_ref[r])
+    allowed = common.allowed((g, block_size), j, block_size, start_ref[r], end_ref[r])
     _, ds = common.probabilities_and_dscores(*operands, k, v_buf[buffer], allowed, scale)
     return acc + common.dot(ds.astype(k.dtype), k)
 
@@ -152,7 +149,8 @@ def _dq_kernel(idx_ref, start_ref, q_ref, k_hbm, v_hbm, do_ref, stats_ref, dq_re
     dq_ref[r] = (acc * scale).astype(dq_ref.dtype)
     return step
 
-  _stream_selected_blocks(tc, num_slots, _block_of(idx_ref, start_ref, tc, num_slots, block_size),
+  _stream_selected_blocks(tc, num_slots,
+                          _block_of(idx_ref, start_ref, end_ref, num_slots, block_size),
                           _block_copies(k_hbm, v_hbm, k_buf, v_buf, sems, block_size),
                           row_start, visit, row_end)
 
@@ -160,13 +158,14 @@ def _dq_kernel(idx_ref, start_ref, q_ref, k_hbm, v_hbm, do_ref, stats_ref, dq_re
 def _call(kernel, inputs, in_specs, out_shape, out_specs, *, tc: int, num_slots: int,
           block_size: int, scale: float, interpret: bool, name: str):
   """A forward / dq pallas_call over grid (B, H, Tp/tc). inputs = (indices [B,H,Tp*S],
-  key starts [B,Tp], q [B,Tp,H,G,D], k/v blocks [B,H,NB*l',*], *more); in_specs: the specs
-  of `more`."""
-  _, _, q, k, v, *_ = inputs
+  key starts and ends [B,Tp], q [B,Tp,H,G,D], k/v blocks [B,H,NB*l',*], *more); in_specs:
+  the specs of `more`."""
+  _, _, _, q, k, v, *_ = inputs
   b, tp, h, g, d = q.shape
+  per_query = pl.BlockSpec((None, tc), lambda bi, hi, ci: (bi, ci), memory_space=pltpu.SMEM)
   in_specs = [pl.BlockSpec((None, None, tc * num_slots), lambda bi, hi, ci: (bi, hi, ci),
                            memory_space=pltpu.SMEM),
-              pl.BlockSpec((None, tc), lambda bi, hi, ci: (bi, ci), memory_space=pltpu.SMEM),
+              per_query, per_query,
               _rows(tc, g, d), pl.BlockSpec(memory_space=pl.ANY),
               pl.BlockSpec(memory_space=pl.ANY), *in_specs]
   return pl.pallas_call(
@@ -192,16 +191,16 @@ def _lane_rows(g: int, width: int):
   return pl.BlockSpec((None, None, None, g, width), lambda bi, hi, ci: (bi, hi, ci, 0, 0))
 
 
-def forward_tpu(q, k, v, block_indices, key_start, block_size: int, scale: float, *, tiling,
+def forward_tpu(q, k, v, block_indices, key_range, block_size: int, scale: float, *, tiling,
                 interpret: bool):
-  """q [B,T,HQ,D], k [B,T,H,D], v [B,T,H,Dv], block_indices int32 [B,T,H,S], key_start
-  int32 [B,T] -> (o [B,T,HQ,Dv] in q's dtype, lse f32 [B,H,Tp/tc,G,tc], the backward's
-  residual)."""
+  """q [B,T,HQ,D], k [B,T,H,D], v [B,T,H,Dv], block_indices int32 [B,T,H,S], key_range =
+  (key_start, key_end) int32 [B,T] -> (o [B,T,HQ,Dv] in q's dtype, lse f32
+  [B,H,Tp/tc,G,tc], the backward's residual)."""
   b, t, hq, _ = q.shape
   h, dv = k.shape[2], v.shape[-1]
   g, tc = hq // h, common.query_chunk(t, tiling)
   tp = pl.cdiv(t, tc) * tc
-  inputs = (common.indices(block_indices, tp), common.key_starts(key_start, tp),
+  inputs = (common.indices(block_indices, tp), *(common.per_query(x, tp) for x in key_range),
             common.grouped(q, h, tp),
             common.kv_blocks(k, block_size), common.kv_blocks(v, block_size))
   o, lse = _call(
@@ -214,7 +213,7 @@ def forward_tpu(q, k, v, block_indices, key_start, block_size: int, scale: float
   return o[:, :t].reshape(b, t, hq, dv), lse
 
 
-def backward_tpu(q, k, v, block_indices, key_start, lse, delta, do, lists, block_size: int,
+def backward_tpu(q, k, v, block_indices, key_range, lse, delta, do, lists, block_size: int,
                  scale: float, *, tiling, interpret: bool):
   """(dq, dk, dv) in the dtypes of (q, k, v). lse: forward_tpu's residual; delta f32
   [B,T,HQ]; do [B,T,HQ,Dv]; lists = metadata.block_query_lists(...)."""
@@ -227,8 +226,8 @@ def backward_tpu(q, k, v, block_indices, key_start, lse, delta, do, lists, block
   k_blocks, v_blocks = common.kv_blocks(k, block_size), common.kv_blocks(v, block_size)
   (dq,) = _call(
       _dq_kernel,
-      (common.indices(block_indices, tp), common.key_starts(key_start, tp), qg, k_blocks,
-       v_blocks, dog, stats),
+      (common.indices(block_indices, tp), *(common.per_query(x, tp) for x in key_range), qg,
+       k_blocks, v_blocks, dog, stats),
       [_rows(tc, g, do.shape[-1]), _lane_rows(g, 2 * tc)],
       [jax.ShapeDtypeStruct(qg.shape, q.dtype)], [_rows(tc, g, d)],
       tc=tc, num_slots=block_indices.shape[-1], block_size=block_size, scale=scale,

@@ -7,7 +7,7 @@ rule: the last two dims of a block are multiples of (8, 128) or the full dims):
                                [G, D] tile (queries zero-padded to Tp, whole grid steps);
   k, v, dk, dv  [B,H,NB*l',*]  kv head-major and zero-padded to whole blocks, so a key block
                                is one contiguous [l', D] slice;
-  key_start     [B,Tp]         each query's first allowed key (0 for the padded queries);
+  key_start/end [B,Tp]         each query's first and last allowed keys (0 when padded);
   lse, delta    [B,H,Tp/tc,G,tc] lane-dense rows of tc queries; `stats` puts lse and delta
                                side by side, [B,H,Tp/tc,G,2tc]. A kernel takes one query's
                                [G, 1] column with a masked lane reduction (`column`), which
@@ -42,10 +42,10 @@ def key_positions(shape, j, block_size: int):
   return j * block_size + lax.broadcasted_iota(jnp.int32, shape, 1)
 
 
-def allowed(shape, j, block_size: int, t, start):
-  """bool [G, l']: the keys of block j that query t may read, those in [start, t]."""
+def allowed(shape, j, block_size: int, start, end):
+  """bool [G, l']: the keys of block j that a query may read, those in [start, end]."""
   keys = key_positions(shape, j, block_size)
-  return (keys <= t) & (keys >= start)
+  return (keys <= end) & (keys >= start)
 
 
 def column(block, c):
@@ -104,10 +104,10 @@ def indices(block_indices, padded_len: int):
   return idx.reshape(b, h, padded_len * s)
 
 
-def key_starts(key_start, padded_len: int):
-  """int32 [B,T] -> [B,Tp] (padded queries start at 0): a grid step's tc starts are one SMEM
-  block."""
-  return jnp.pad(key_start.astype(jnp.int32), ((0, 0), (0, padded_len - key_start.shape[1])))
+def per_query(x, padded_len: int):
+  """int32 [B,T] (a key start or end per query) -> [B,Tp] (0 for the padded queries, which
+  select nothing): a grid step's tc values are one SMEM block."""
+  return jnp.pad(x.astype(jnp.int32), ((0, 0), (0, padded_len - x.shape[1])))
 
 
 def row_stats(x, num_heads: int, tc: int):

@@ -1,7 +1,7 @@
 """Mosaic TPU kernel for dk/dv of selected-block attention.
 
 One grid step per (batch, kv head, key block j) walks the queries that selected j
-(metadata.block_query_lists). The list (and its queries' first allowed keys) lives in HBM and
+(metadata.block_query_lists). The list (and its queries' allowed key ranges) lives in HBM and
 is copied to SMEM `list_chunk` positions at a time, so SMEM use does not grow with T. For
 each listed query t the kernel copies the G heads' q and dO tiles and the stats row holding
 t's (lse, delta) from HBM (double buffered) and accumulates dK_j += dS^T q, dV_j += P^T dO
@@ -20,9 +20,10 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.nsa import tpu_common as common
 
 
-def _dkdv_kernel(starts_hbm, queries_hbm, key_starts_hbm, q_hbm, do_hbm, stats_hbm, k_ref,
-                 v_ref, dk_ref, dv_ref, bounds, queries, key_starts, q_buf, do_buf, stats_buf,
-                 sems, *, tc: int, list_chunk: int, block_size: int, scale: float):
+def _dkdv_kernel(starts_hbm, queries_hbm, key_starts_hbm, key_ends_hbm, q_hbm, do_hbm,
+                 stats_hbm, k_ref, v_ref, dk_ref, dv_ref, bounds, queries, key_starts, key_ends,
+                 q_buf, do_buf, stats_buf, sems, *, tc: int, list_chunk: int, block_size: int,
+                 scale: float):
   b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   pltpu.sync_copy(starts_hbm.at[b, h, pl.ds(j, 2)], bounds)
   start, end = bounds[0], bounds[1]
@@ -35,10 +36,10 @@ def _dkdv_kernel(starts_hbm, queries_hbm, key_starts_hbm, q_hbm, do_hbm, stats_h
     return [pltpu.make_async_copy(src, dst.at[buffer], sems.at[i, buffer])
             for i, (src, dst) in enumerate(pairs)]
 
-  def visit(t, start, buffer, acc):
+  def visit(t, key_range, buffer, acc):
     q, do, stats = q_buf[buffer], do_buf[buffer], stats_buf[buffer]
     lane = jnp.bitwise_and(t, tc - 1)
-    allowed = common.allowed((q.shape[0], block_size), j, block_size, t, start)
+    allowed = common.allowed((q.shape[0], block_size), j, block_size, *key_range)
     p, ds = common.probabilities_and_dscores(q, do, common.column(stats, lane),
                                              common.column(stats, tc + lane), k_ref[...],
                                              v_ref[...], allowed, scale)
@@ -49,6 +50,7 @@ def _dkdv_kernel(starts_hbm, queries_hbm, key_starts_hbm, q_hbm, do_hbm, stats_h
     base = start + c * list_chunk
     pltpu.sync_copy(queries_hbm.at[b, h, pl.ds(base, list_chunk)], queries)
     pltpu.sync_copy(key_starts_hbm.at[b, h, pl.ds(base, list_chunk)], key_starts)
+    pltpu.sync_copy(key_ends_hbm.at[b, h, pl.ds(base, list_chunk)], key_ends)
     count = jnp.minimum(list_chunk, end - base)
     first = queries[0]
     for copy in copies(first, 0):
@@ -67,7 +69,7 @@ def _dkdv_kernel(starts_hbm, queries_hbm, key_starts_hbm, q_hbm, do_hbm, stats_h
 
       for copy in copies(t, buffer):
         copy.wait()
-      return next_t, visit(t, key_starts[e], buffer, acc)
+      return next_t, visit(t, (key_starts[e], key_ends[e]), buffer, acc)
 
     return lax.fori_loop(0, count, entry, (first, acc))[1]
 
@@ -84,12 +86,12 @@ def dkdv(qg, k_blocks, v_blocks, dog, stats, lists, block_size: int, scale: floa
   """qg [B,Tp,H,G,D], k/v_blocks [B,H,NB*l',*], dog [B,Tp,H,G,Dv], stats f32
   [B,H,Tp/tc,G,2tc], lists = metadata.QueryLists -> (dk, dv) [B,H,NB*l',*] in k's / v's
   dtype."""
-  queries, starts, key_starts = lists
+  queries, starts, key_starts, key_ends = lists
   b, _, h, g, d = qg.shape
   dv_dim = v_blocks.shape[-1]
   # Padding, so that the last chunk's copies stay in bounds; it is never read as a list.
-  queries, key_starts = (jnp.pad(x, ((0, 0), (0, 0), (0, list_chunk)))
-                         for x in (queries, key_starts))
+  queries, key_starts, key_ends = (jnp.pad(x, ((0, 0), (0, 0), (0, list_chunk)))
+                                   for x in (queries, key_starts, key_ends))
 
   def block(width):
     return pl.BlockSpec((None, None, block_size, width), lambda bi, hi, ji: (bi, hi, ji, 0))
@@ -98,16 +100,16 @@ def dkdv(qg, k_blocks, v_blocks, dog, stats, lists, block_size: int, scale: floa
                              block_size=block_size, scale=scale)
   return pl.pallas_call(
       kernel, grid=(b, h, starts.shape[-1] - 1),
-      in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * 6 + [block(d), block(dv_dim)],
+      in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * 7 + [block(d), block(dv_dim)],
       out_specs=[block(d), block(dv_dim)],
       out_shape=[jax.ShapeDtypeStruct(k_blocks.shape, k_blocks.dtype),
                  jax.ShapeDtypeStruct(v_blocks.shape, v_blocks.dtype)],
-      scratch_shapes=[pltpu.SMEM((2,), jnp.int32), pltpu.SMEM((list_chunk,), jnp.int32),
-                      pltpu.SMEM((list_chunk,), jnp.int32),
+      scratch_shapes=[pltpu.SMEM((2,), jnp.int32),
+                      *(pltpu.SMEM((list_chunk,), jnp.int32) for _ in range(3)),
                       pltpu.VMEM((2, g, d), qg.dtype), pltpu.VMEM((2, g, dv_dim), dog.dtype),
                       pltpu.VMEM((2, g, 2 * tc), jnp.float32),
                       pltpu.SemaphoreType.DMA((3, 2))],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel")),
       interpret=common.interpret_params(interpret), name="nsa_selected_dkdv",
-  )(starts, queries, key_starts, qg, dog, stats, k_blocks, v_blocks)
+  )(starts, queries, key_starts, key_ends, qg, dog, stats, k_blocks, v_blocks)

@@ -50,19 +50,20 @@ def document_starts(rng, b, t):
   return jnp.asarray(starts)
 
 
-def loop_oracle(q, k, v, idx, block_size, scale, key_start=None):
+def loop_oracle(q, k, v, idx, block_size, scale, key_start=None, key_end=None):
   """Query by query in float64: the allowed keys are listed explicitly (an oracle that shares
   no code with reference.py)."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   idx = np.asarray(idx)
   b, t, hq, _ = q.shape
   first = np.zeros((b, t), int) if key_start is None else np.asarray(key_start)
+  last = np.broadcast_to(np.arange(t), (b, t)) if key_end is None else np.asarray(key_end)
   g = hq // k.shape[2]
   out = np.zeros((b, t, hq, v.shape[-1]))
   for bi, ti, qh in np.ndindex(b, t, hq):
     keys = sorted({p for j in idx[bi, ti, qh // g] if j >= 0
                    for p in range(j * block_size, (j + 1) * block_size)
-                   if first[bi, ti] <= p <= ti})
+                   if first[bi, ti] <= p <= last[bi, ti]})
     if keys:
       logits = k[bi, keys, qh // g] @ q[bi, ti, qh] * scale
       w = np.exp(logits - logits.max())
@@ -78,13 +79,14 @@ def _operands(seed, b, t, h, g, d, dtype=jnp.float32):
   return rng, q, k, v, cot
 
 
-def _value_and_grads(fn, q, k, v, idx, cot, key_start=None):
+def _value_and_grads(fn, q, k, v, idx, cot, key_start=None, key_end=None):
   @jax.jit
-  def run(q, k, v, idx, cot, key_start):
-    extra = {} if key_start is None else {"key_start": key_start}
+  def run(q, k, v, idx, cot, key_start, key_end):
+    extra = {name: x for name, x in (("key_start", key_start), ("key_end", key_end))
+             if x is not None}
     o, vjp = jax.vjp(lambda *qkv: fn(*qkv, idx, **extra), q, k, v)
     return o, vjp(cot.astype(o.dtype))
-  return run(q, k, v, idx, cot, key_start)
+  return run(q, k, v, idx, cot, key_start, key_end)
 
 
 def _f32(x):
@@ -133,24 +135,27 @@ def test_kernel_matches_oracles_f32(backend, config):
 
 
 def _check_kernel_against_oracles(backend, q, k, v, idx, cot, block_size, tiling,
-                                  key_start=None):
+                                  key_start=None, key_end=None):
   """Kernel == loop oracle == dense oracle == gather path (f32 1e-5), and the kernel's three
   gradients == the dense oracle's autodiff gradients (1e-4)."""
   t, g, d = q.shape[1], q.shape[2] // k.shape[2], q.shape[-1]
 
-  def kernel(q, k, v, idx, key_start=None):
-    return selected_attention(q, k, v, idx, block_size, key_start=key_start, tiling=tiling,
-                              interpret=True, backend=backend)
-  o, grads = _value_and_grads(kernel, q, k, v, idx, cot, key_start)
+  def kernel(q, k, v, idx, **key_range):
+    return selected_attention(q, k, v, idx, block_size, tiling=tiling, interpret=True,
+                              backend=backend, **key_range)
+  o, grads = _value_and_grads(kernel, q, k, v, idx, cot, key_start, key_end)
   o_ref, grads_ref = _value_and_grads(
       lambda *a, **kw: selected_attention_reference(*a, block_size, **kw), q, k, v, idx, cot,
-      key_start)
+      key_start, key_end)
   np.testing.assert_allclose(
-      _f32(o), loop_oracle(q, k, v, idx, block_size, d ** -0.5, key_start), atol=1e-5)
+      _f32(o), loop_oracle(q, k, v, idx, block_size, d ** -0.5, key_start, key_end),
+      atol=1e-5)
   np.testing.assert_allclose(_f32(o), _f32(o_ref), atol=1e-5)
-  gathered = selected_attention_gather(q, k, v, idx, block_size, key_start=key_start)
+  gathered = selected_attention_gather(q, k, v, idx, block_size, key_start=key_start,
+                                       key_end=key_end)
   np.testing.assert_allclose(_f32(o), _f32(gathered), atol=1e-5)
-  assert np.all(_f32(o)[0, t - 1, :g] == 0)  # the query that selected nothing
+  if np.all(np.asarray(idx)[0, t - 1, 0] < 0):  # a query that selected nothing
+    assert np.all(_f32(o)[0, t - 1, :g] == 0)
   for got, want in zip(grads, grads_ref):
     assert np.all(np.isfinite(_f32(got)))
     np.testing.assert_allclose(_f32(got), _f32(want), atol=1e-4)
@@ -170,6 +175,23 @@ def test_kernel_with_document_starts_matches_oracles(backend):
   cut = (np_idx >= 0) & (np_idx * block_size < np_starts[:, :, None, None]) & ~before
   assert before.any() and cut.any()
   _check_kernel_against_oracles(backend, q, k, v, idx, cot, block_size, TILING, starts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_with_key_ends_matches_oracles(backend):
+  """key_end in place of the query's position, as for NSA's compressed keys (key i = block
+  i*d .. i*d+l-1, visible from position i*d+l-1 on; l=8, d=4): query t reads keys up to
+  (t-7)//4, every block selected; the first 7 queries read none. With document starts
+  mapped to compressed keys (ceil(start/4)) too; values and all three gradients."""
+  b, t, h, g, d, block_size = 2, 40, 1, 4, 16, 8
+  rng, q, k, v, cot = _operands(12, b, t, h, g, d)
+  num_blocks = -(-t // block_size)
+  idx = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32), (b, t, h, num_blocks))
+  key_end = jnp.broadcast_to((jnp.arange(t) - 7) // 4, (b, t)).astype(jnp.int32)
+  starts = (jnp.maximum(document_starts(rng, b, t), 0) + 3) // 4
+  for key_start in (None, starts):
+    _check_kernel_against_oracles(backend, q, k, v, idx, cot, block_size, TILING, key_start,
+                                  key_end)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -206,24 +228,32 @@ def test_gpu_kernel_forward_over_drawn_shapes(t, block_size, s, g, future, seed)
 @given(t=st.integers(1, 60), block_size=st.sampled_from([4, 8, 16]), s=st.integers(1, 8),
        future=st.booleans(), packed=st.booleans(), seed=st.integers(0, 2**16))
 def test_block_query_lists_invert_the_selection(t, block_size, s, future, packed, seed):
-  """Block j's list holds, ascending, exactly the queries t whose row selects j with
-  j*block_size <= t and (packed rows) a token at or after t's document start, each with that
-  start; every other (query, slot) pair is left out."""
+  """Block j's list holds, ascending, exactly the queries t whose row selects j with a token
+  in t's allowed range: at or before t (or, packed, a drawn key_end <= t) and at or after
+  its document start; each entry carries that range. Every other (query, slot) pair is left
+  out."""
   rng = np.random.default_rng(seed)
   idx = np.asarray(nsa_selection(rng, 2, t, 3, s, block_size, future))
-  first = document_starts(rng, 2, t) if packed else None
-  first_np = np.zeros((2, t), int) if first is None else np.asarray(first)
+  first = last = None
+  first_np, last_np = np.zeros((2, t), int), np.broadcast_to(np.arange(t), (2, t))
+  if packed:
+    first = document_starts(rng, 2, t)
+    last = jnp.asarray(last_np - rng.integers(0, 3, (2, t)), jnp.int32)
+    first_np, last_np = np.asarray(first), np.asarray(last)
   num_blocks = -(-t // block_size)
-  queries, starts, key_starts = map(np.asarray, block_query_lists(jnp.asarray(idx),
-                                                                  block_size, num_blocks, first))
+  lists = map(np.asarray, block_query_lists(jnp.asarray(idx), block_size, num_blocks, first,
+                                            last))
+  queries, starts, key_starts, key_ends = lists
   for b, h in np.ndindex(2, 3):
     assert starts[b, h, 0] == 0 and np.all(np.diff(starts[b, h]) >= 0)
     for j in range(num_blocks):
-      want = [ti for ti in range(t) if j in idx[b, ti, h] and j * block_size <= ti
-              and (j + 1) * block_size > first_np[b, ti]]
+      want = [ti for ti in range(t) if j in idx[b, ti, h]
+              and max(j * block_size, first_np[b, ti]) <= min((j + 1) * block_size - 1,
+                                                              last_np[b, ti])]
       run = slice(starts[b, h, j], starts[b, h, j + 1])
       np.testing.assert_array_equal(queries[b, h, run], want)
       np.testing.assert_array_equal(key_starts[b, h, run], first_np[b, want])
+      np.testing.assert_array_equal(key_ends[b, h, run], last_np[b, want])
 
 
 @pytest.mark.parametrize("platform,backend", [("tpu", "tpu"), ("cuda", "gpu")])
@@ -260,6 +290,8 @@ def test_bad_operands_name_the_problem():
     call(q, k, v, idx.astype(jnp.float32), 8)
   with pytest.raises(ValueError, match="key_start .* must be integers of shape"):
     call(q, k, v, idx, 8, key_start=jnp.zeros((1, 15), jnp.int32))
+  with pytest.raises(ValueError, match="key_end .* must be integers of shape"):
+    call(q, k, v, idx, 8, key_end=jnp.zeros((1, 16), jnp.float32))
   with pytest.raises(ValueError, match="cast them to one dtype"):
     call(q, k.astype(jnp.bfloat16), v, idx, 8)
   with pytest.raises(ValueError, match="use a multiple of 16"):
