@@ -11,8 +11,10 @@ Both sides are the attention core only (queries, keys and values given; no proje
         w=512): compression over mean-pooled blocks, top-n selection by the gather path,
         sliding window, in scanned query chunks that are recomputed in the backward pass.
 Both loops keep one block's buffers at a time, so memory stays bounded at 32k.
-On CPU both are XLA. On a GPU/TPU the selection and the window use the Pallas selection
-kernel (--select pallas), as the model's select_impl="pallas" does.
+On CPU both are XLA. On a GPU/TPU (--select pallas) all three branches run through the
+Pallas selection kernel, as with the model's select_impl="pallas": the selection scores in
+query chunks without gradient, then compression, selection and window as block-sparse
+attention over whole sequences.
 """
 
 import argparse
@@ -77,25 +79,18 @@ def nsa_attention(q, k, v, cfg: NSAConfig, chunk: int, scale: float, select_impl
   k_cmp = nsa_ops.block_windows(k, cfg.compress_block, cfg.compress_stride).mean(axis=3)
   v_cmp = nsa_ops.block_windows(v, cfg.compress_block, cfg.compress_stride).mean(axis=3)
 
-  def kernel(q, k, v, indices, key_start=None):
-    return selected_attention(q, k, v, indices, cfg.select_block, scale, key_start=key_start)
+  def kernel(q, k, v, indices, key_start, key_end):
+    return selected_attention(q, k, v, indices, cfg.select_block, scale, key_start=key_start,
+                              key_end=key_end)
 
   def select(qc, kc, vc, indices, offset, starts):
     del starts  # one sequence per row
-    if select_impl == "pallas":
-      return kernel(qc, kc, vc, indices)
     return selected_attention_gather(qc, kc, vc, indices, cfg.select_block, scale,
                                      query_offset=offset)
-
-  def attend_window(q, k, v, starts):
-    return nsa_ops.window_through_selection(kernel, q, k, v, cfg.window, cfg.select_block,
-                                            starts)
-  pallas = select_impl == "pallas"
+  # With the kernels, query chunks bound only the selection scores' memory.
   outs, _ = nsa_ops.branch_outputs(q, jnp.stack([k, k]), jnp.stack([v, v]), k_cmp, v_cmp, cfg,
-                                   scale, select,
-                                   # the kernels take whole sequences
-                                   query_chunk=None if pallas else chunk,
-                                   attend_window=attend_window if pallas else None)
+                                   scale, select, query_chunk=chunk,
+                                   attend_selected=kernel if select_impl == "pallas" else None)
   return outs.sum(axis=0) / 3
 
 

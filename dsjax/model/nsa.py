@@ -112,23 +112,16 @@ class NSAttention(nnx.Module):
       return selected_attention_gather(q, k, v, indices, cfg.select_block, scale,
                                        query_offset=offset, key_start=starts)
 
-    if resolve_select_impl(select_impl or cfg.select_impl) == "pallas":
-      def kernel(q, k, v, indices, starts):
-        return nsa_kernels.selected_attention(q, k, v, indices, cfg.select_block, scale,
-                                              key_start=starts,
-                                              interpret=jax.default_backend() == "cpu")
+    def kernel(q, k, v, indices, key_start, key_end):
+      return nsa_kernels.selected_attention(q, k, v, indices, cfg.select_block, scale,
+                                            key_start=key_start, key_end=key_end,
+                                            interpret=jax.default_backend() == "cpu")
 
-      def select(q, k, v, indices, offset, starts):
-        del offset  # One chunk: the whole sequence.
-        return kernel(q, k, v, indices, starts)
-
-      def attend_window(q, k, v, starts):
-        return nsa_ops.window_through_selection(kernel, q, k, v, cfg.window, cfg.select_block,
-                                                starts)
-    else:
-      select, attend_window = gather, None
-    outs, indices = nsa_ops.branch_outputs(q, k[1:], v[1:], k_cmp, v_cmp, cfg, scale, select,
-                                           starts=starts, attend_window=attend_window)
+    # "pallas": all three branches through the kernel (nsa_ops.branch_outputs).
+    use_kernel = resolve_select_impl(select_impl or cfg.select_impl) == "pallas"
+    outs, indices = nsa_ops.branch_outputs(q, k[1:], v[1:], k_cmp, v_cmp, cfg, scale, gather,
+                                           starts=starts,
+                                           attend_selected=kernel if use_kernel else None)
     return outs, self._gates(x), indices
 
   def __call__(self, x, cos, sin, select_impl: str | None = None, starts=None) -> jax.Array:

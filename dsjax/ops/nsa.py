@@ -218,12 +218,55 @@ def window_selection(t: int, window: int, block: int, starts=None):
 
 def window_through_selection(attend_selected, q, k, v, window: int, block: int, starts=None):
   """The sliding-window branch of q [B,T,N,H] over k, v [B,T,KV,*] computed by a block-sparse
-  attention attend_selected(q, k, v, block_indices [B,T,KV,S], key_start [B,T]) (e.g.
-  pallas_kernels.nsa.selected_attention) over window_selection's blocks."""
+  attention attend_selected(q, k, v, block_indices [B,T,KV,S], key_start [B,T], key_end
+  [B,T] or None) (e.g. pallas_kernels.nsa.selected_attention) over window_selection's
+  blocks."""
   b, t = q.shape[:2]
   indices, key_start = window_selection(t, window, block, starts)
   indices = jnp.broadcast_to(indices[None, :, None], (b, t, k.shape[2], indices.shape[-1]))
-  return attend_selected(q, k, v, indices, jnp.broadcast_to(key_start, (b, t)))
+  return attend_selected(q, k, v, indices, jnp.broadcast_to(key_start, (b, t)), None)
+
+
+def compression_through_selection(attend_selected, q, k_cmp, v_cmp, length: int, stride: int,
+                                  block: int, starts=None):
+  """The compression branch of q [B,T,N,H] over the compressed keys/values [B,C,KV,*]
+  computed by a block-sparse attention (see window_through_selection) whose keys are the
+  compressed blocks, zero-padded to T, every key block selected: compressed block i is key
+  i, and query t's allowed keys are ceil(start/d) .. (t-l+1)//d, the blocks wholly inside
+  its document that end at or before it (compression_visible)."""
+  b, t = q.shape[:2]
+  c, kv = k_cmp.shape[1], k_cmp.shape[2]
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, t - c), (0, 0), (0, 0)))
+  key_end = jnp.broadcast_to((jnp.arange(t, dtype=jnp.int32) - length + 1) // stride, (b, t))
+  key_start = None if starts is None else -(-starts.astype(jnp.int32) // stride)
+  slots = -(-c // block)
+  indices = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, t, kv, slots))
+  return attend_selected(q, pad(k_cmp), pad(v_cmp), indices, key_start, key_end)
+
+
+def selection_indices(q, k_cmp, v_cmp, nsa, scale: float, starts=None,
+                      query_chunk: int | None = None) -> jax.Array:
+  """The selected blocks int32[B,T,KV,n] of the queries q [B,T,N,H] (positions 0..T-1), with
+  no gradient: compression probabilities, selection scores, top-n. With `query_chunk`, over
+  query chunks (lax.map), so that memory holds one chunk's [chunk, C] probabilities."""
+  q, k_cmp, v_cmp = (jax.lax.stop_gradient(x) for x in (q, k_cmp, v_cmp))
+  t = q.shape[1]
+  if not query_chunk or query_chunk >= t:
+    return compression_and_selection(q, k_cmp, v_cmp, query_positions(t), t, nsa, scale,
+                                     starts)[1]
+  chunks = -(-t // query_chunk)
+  to_chunks = lambda x: jnp.moveaxis(jnp.pad(
+      x, [(0, 0), (0, chunks * query_chunk - t)] + [(0, 0)] * (x.ndim - 2)).reshape(
+          x.shape[0], chunks, query_chunk, *x.shape[2:]), 1, 0)
+
+  def chunk(args):
+    index, qc, sc = args
+    positions = query_positions(query_chunk, index * query_chunk)
+    return compression_and_selection(qc, k_cmp, v_cmp, positions, t, nsa, scale, sc)[1]
+  xs = (jnp.arange(chunks, dtype=jnp.int32), to_chunks(q),
+        None if starts is None else to_chunks(starts))
+  indices = jax.lax.map(chunk, xs)
+  return jnp.moveaxis(indices, 0, 1).reshape(q.shape[0], -1, *indices.shape[3:])[:, :t]
 
 
 def window_attention(q, k, v, q_positions, k_positions, window: int, scale: float):
@@ -258,37 +301,43 @@ def _stack_branches(*outputs) -> jax.Array:
   return jnp.stack([o.astype(jnp.float32) for o in outputs])
 
 
-def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select,
+def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select=None,
                    query_chunk: int | None = None, stages: int = 16, starts=None,
-                   attend_window=None):
+                   attend_selected=None):
   """The three NSA branches for queries q [B,T,N,H].
 
   keys / values: the selection and window branches' [2,B,T,KV,*]; k_cmp / v_cmp: the
   compressed keys/values [B,C,KV,*]; nsa: an NSAConfig; select(q, k, v, indices, offset,
   starts): selected attention of the queries at positions offset.. (offset may be traced;
   starts their document starts or None) over all keys. starts: document starts int[B,T] of a
-  packed row (None: one sequence per row). attend_window(q, k, v, starts): the window
-  branch over the whole sequence (None: sliding_window_attention). With `query_chunk`
-  (which takes the built-in window branch), queries are processed by
+  packed row (None: one sequence per row). With `query_chunk`, queries are processed by
   lax.scans over chunks of that many, each chunk recomputed in the backward pass
-  (jax.checkpoint), so memory is bounded by one chunk's working set at any sequence length. A chunk gathers only its selected blocks and reads only
-  the keys its windows reach; the chunks are split into `stages` consecutive scans, each
-  reading only the compressed blocks visible by its end.
+  (jax.checkpoint), so memory is bounded by one chunk's working set at any sequence length.
+  A chunk gathers only its selected blocks and reads only the keys its windows reach; the
+  chunks are split into `stages` consecutive scans, each reading only the compressed blocks
+  visible by its end.
+  attend_selected(q, k, v, block_indices, key_start, key_end) (a block-sparse attention over
+  whole sequences, e.g. pallas_kernels.nsa.selected_attention; in place of `select`): all
+  three branches through it (compression_through_selection, the selection,
+  window_through_selection), after selection_indices, which alone uses `query_chunk`.
   -> (outputs [3,B,T,N,Hv] float32, block indices int32[B,T,KV,n]).
   """
   t = q.shape[1]
+  if attend_selected is not None:
+    length, stride, block = nsa.compress_block, nsa.compress_stride, nsa.select_block
+    indices = selection_indices(q, k_cmp, v_cmp, nsa, scale, starts, query_chunk)
+    o_cmp = compression_through_selection(attend_selected, q, k_cmp, v_cmp, length, stride,
+                                          block, starts)
+    o_slc = attend_selected(q, keys[0], values[0], indices, starts, None)
+    o_win = window_through_selection(attend_selected, q, keys[1], values[1], nsa.window, block,
+                                     starts)
+    return _stack_branches(o_cmp, o_slc, o_win), indices
   if not query_chunk or query_chunk >= t:
     o_cmp, indices = compression_and_selection(q, k_cmp, v_cmp, query_positions(t), t, nsa,
                                                 scale, starts)
     o_slc = select(q, keys[0], values[0], indices, 0, starts)
-    if attend_window is None:
-      o_win = sliding_window_attention(q, keys[1], values[1], nsa.window, scale, starts)
-    else:
-      o_win = attend_window(q, keys[1], values[1], starts)
+    o_win = sliding_window_attention(q, keys[1], values[1], nsa.window, scale, starts)
     return _stack_branches(o_cmp, o_slc, o_win), indices
-  if attend_window is not None:
-    raise ValueError("branch_outputs: attend_window needs the whole sequence; drop "
-                     "query_chunk or attend_window.")
   chunks = -(-t // query_chunk)
   padded = chunks * query_chunk
   w, block = nsa.window, math.gcd(query_chunk, nsa.window)

@@ -84,8 +84,9 @@ def test_window_selection_is_the_sliding_window(t, window, block, packed):
   starts = _packed_starts(2, t, (13, 30)) if packed else None
   assert nsa.window_selection(t, window, block)[0].shape == (t, (window - 1) // block + 2)
 
-  def gather(q, k, v, indices, key_start):
-    return selected_attention_gather(q, k, v, indices, block, 0.25, key_start=key_start)
+  def gather(q, k, v, indices, key_start, key_end):
+    return selected_attention_gather(q, k, v, indices, block, 0.25, key_start=key_start,
+                                     key_end=key_end)
   got = nsa.window_through_selection(gather, q, k, v, window, block, starts)
   want = nsa.sliding_window_attention(q, k, v, window, 0.25, starts)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -190,3 +191,48 @@ def test_branches_in_query_chunks_equal_whole_sequence(chunk, stages):
            for c in (None, chunk)]
   for g_whole, g_parts in zip(*grads):
     np.testing.assert_allclose(g_whole, g_parts, atol=1e-5)
+
+
+@pytest.mark.parametrize("query_chunk", [None, 16])
+@pytest.mark.parametrize("packed", [False, True], ids=["one_doc", "packed"])
+def test_branches_through_one_block_sparse_attention(query_chunk, packed):
+  """attend_selected (the kernel's interface; here the gather path, which takes key_start
+  and key_end too) computing all three branches, compression and window as block
+  selections, with the selection scores in query chunks and no gradient, gives the XLA
+  branches' outputs, indices and gradients (queries before the first compressed block
+  included: their compression output is 0)."""
+  from dsjax.config import NSAConfig
+  cfg = NSAConfig(num_kv_heads=2, head_dim=16, v_head_dim=12, compress_block=8,
+                  compress_stride=4, select_block=8, num_selected=3, window=10)
+  q, k, v = _qkv(13, 2, 61, 2, 3)
+  rng = np.random.default_rng(14)
+  keys = jnp.asarray(np.stack([k, rng.normal(size=k.shape).astype(np.float32)]))
+  values = jnp.asarray(np.stack([v, rng.normal(size=v.shape).astype(np.float32)]))
+  k_cmp = nsa.block_windows(k, 8, 4).mean(axis=3)
+  v_cmp = nsa.block_windows(v, 8, 4).mean(axis=3)
+  starts = _packed_starts(2, 61, (13, 30)) if packed else None
+
+  def select(q, k, v, indices, offset, starts):
+    return selected_attention_gather(q, k, v, indices, 8, 0.25, query_offset=offset,
+                                     key_start=starts)
+
+  def attend_selected(q, k, v, indices, key_start, key_end):
+    return selected_attention_gather(q, k, v, indices, 8, 0.25, key_start=key_start,
+                                     key_end=key_end)
+  cotangent = jnp.asarray(rng.normal(size=(3, 2, 61, 6, 12)).astype(np.float32))
+
+  def run(q, keys, values, k_cmp, v_cmp, through_selection):
+    outs, indices = nsa.branch_outputs(
+        q, keys, values, k_cmp, v_cmp, cfg, 0.25, select, starts=starts,
+        query_chunk=query_chunk if through_selection else None,
+        attend_selected=attend_selected if through_selection else None)
+    return jnp.sum(outs * cotangent), (outs, indices)
+  (_, (want, want_idx)), want_grads = jax.value_and_grad(run, (0, 1, 2, 3, 4), has_aux=True)(
+      q, keys, values, k_cmp, v_cmp, False)
+  (_, (got, got_idx)), got_grads = jax.value_and_grad(run, (0, 1, 2, 3, 4), has_aux=True)(
+      q, keys, values, k_cmp, v_cmp, True)
+  np.testing.assert_array_equal(got_idx, want_idx)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert np.all(np.asarray(got[0, :, :7]) == 0)  # no compressed block ends before position 7
+  for a, b in zip(got_grads, want_grads):
+    np.testing.assert_allclose(a, b, atol=1e-4)
