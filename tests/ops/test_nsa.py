@@ -157,21 +157,29 @@ def test_branches_are_causal(t_cut):
   _future_changes_nothing(compression, t_cut, q, k, v)
 
 
+def _branch_inputs(seed, t):
+  """An NSA config with small blocks (l=8, d=4, l'=8, n=3, w=10), an RNG, and branch_outputs'
+  inputs for B=2, T=t, 2 KV heads of 3 query heads: q, the selection/window keys and values
+  [2,B,T,KV,*], and mean-pooled compressed keys/values."""
+  from dsjax.config import NSAConfig
+  cfg = NSAConfig(num_kv_heads=2, head_dim=16, v_head_dim=12, compress_block=8,
+                  compress_stride=4, select_block=8, num_selected=3, window=10)
+  q, k, v = _qkv(seed, 2, t, 2, 3)
+  rng = np.random.default_rng(seed + 1)
+  keys = jnp.asarray(np.stack([k, rng.normal(size=k.shape).astype(np.float32)]))
+  values = jnp.asarray(np.stack([v, rng.normal(size=v.shape).astype(np.float32)]))
+  k_cmp = nsa.block_windows(k, 8, 4).mean(axis=3)
+  v_cmp = nsa.block_windows(v, 8, 4).mean(axis=3)
+  return cfg, rng, (q, keys, values, k_cmp, v_cmp)
+
+
 @pytest.mark.parametrize("chunk, stages", [(16, 2), (20, 16), (24, 1)])
 def test_branches_in_query_chunks_equal_whole_sequence(chunk, stages):
   """branch_outputs over query chunks (scanned in stages, each chunk reading only the keys
   it can see, as long sequences are processed) equals one pass over the whole sequence, in
   value and in gradient. Chunks 16 and 24 split the window (10) into blocks of 2; 20 holds
   two whole windows; 2 and 1 stages scan several chunks per stage, 16 one per stage."""
-  from dsjax.config import NSAConfig
-  cfg = NSAConfig(num_kv_heads=2, head_dim=16, v_head_dim=12, compress_block=8,
-                  compress_stride=4, select_block=8, num_selected=3, window=10)
-  q, k, v = _qkv(10, 2, 70, 2, 3)
-  rng = np.random.default_rng(11)
-  keys = jnp.asarray(np.stack([k, rng.normal(size=k.shape).astype(np.float32)]))
-  values = jnp.asarray(np.stack([v, rng.normal(size=v.shape).astype(np.float32)]))
-  k_cmp = nsa.block_windows(k, 8, 4).mean(axis=3)
-  v_cmp = nsa.block_windows(v, 8, 4).mean(axis=3)
+  cfg, rng, (q, keys, values, k_cmp, v_cmp) = _branch_inputs(10, 70)
 
   def select(q, k, v, indices, offset, starts):
     return selected_attention_gather(q, k, v, indices, 8, 0.25, query_offset=offset,
@@ -201,15 +209,7 @@ def test_branches_through_one_block_sparse_attention(query_chunk, packed):
   selections, with the selection scores in query chunks and no gradient, gives the XLA
   branches' outputs, indices and gradients (queries before the first compressed block
   included: their compression output is 0)."""
-  from dsjax.config import NSAConfig
-  cfg = NSAConfig(num_kv_heads=2, head_dim=16, v_head_dim=12, compress_block=8,
-                  compress_stride=4, select_block=8, num_selected=3, window=10)
-  q, k, v = _qkv(13, 2, 61, 2, 3)
-  rng = np.random.default_rng(14)
-  keys = jnp.asarray(np.stack([k, rng.normal(size=k.shape).astype(np.float32)]))
-  values = jnp.asarray(np.stack([v, rng.normal(size=v.shape).astype(np.float32)]))
-  k_cmp = nsa.block_windows(k, 8, 4).mean(axis=3)
-  v_cmp = nsa.block_windows(v, 8, 4).mean(axis=3)
+  cfg, rng, (q, keys, values, k_cmp, v_cmp) = _branch_inputs(13, 61)
   starts = _packed_starts(2, 61, (13, 30)) if packed else None
 
   def select(q, k, v, indices, offset, starts):
