@@ -115,9 +115,13 @@ class NSAConfig:
     num_selected: n, selection blocks per query (the first block and the 2 local blocks
       included).
     window: w, tokens of the sliding window (the query's own token included).
-    select_impl: "gather" (XLA gather of the selected blocks and XLA sliding window; CPU),
-      "pallas" (the pallas_kernels.nsa kernel for the selection and the window branches;
-      interpreted on CPU) or "auto" (gather on CPU, pallas elsewhere).
+    select_impl: "gather" (XLA: a gather of the selected blocks, the sliding window and
+      compression in blocks; CPU), "pallas" (the pallas_kernels.nsa kernel for all three
+      branches; interpreted on CPU) or "auto" (gather on CPU, pallas elsewhere).
+    query_chunk: None (whole sequences) or queries per chunk, which bounds memory at long
+      context: "gather" runs every branch in rematerialised chunks of this many queries,
+      "pallas" computes the selection scores in such chunks (the kernels take whole
+      sequences).
   """
 
   num_kv_heads: int = 1
@@ -130,6 +134,7 @@ class NSAConfig:
   num_selected: int = 16
   window: int = 512
   select_impl: Literal["auto", "gather", "pallas"] = "auto"
+  query_chunk: int | None = None
 
   def __post_init__(self):
     for name in ("num_kv_heads", "head_dim", "v_head_dim", "compress_block", "compress_stride",
@@ -145,6 +150,9 @@ class NSAConfig:
            "blocks are always selected).")
     _check(self.select_impl in NSA_SELECT_IMPLS,
            f"nsa.select_impl={self.select_impl!r}; use one of {NSA_SELECT_IMPLS}.")
+    _check(self.query_chunk is None or self.query_chunk > 0,
+           f"nsa.query_chunk={self.query_chunk}; use None (whole sequences) or a positive "
+           "number of queries.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,7 +120,7 @@ class NSAttention(nnx.Module):
     # "pallas": all three branches through the kernel (nsa_ops.branch_outputs).
     use_kernel = resolve_select_impl(select_impl or cfg.select_impl) == "pallas"
     outs, indices = nsa_ops.branch_outputs(q, k[1:], v[1:], k_cmp, v_cmp, cfg, scale, gather,
-                                           starts=starts,
+                                           query_chunk=cfg.query_chunk, starts=starts,
                                            attend_selected=kernel if use_kernel else None)
     return outs, self._gates(x), indices
 

@@ -59,6 +59,8 @@ def test_bad_head_counts_are_refused():
     NSAttention(32, 6, CFG.__class__(num_kv_heads=4), std=0.1, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="compress_stride=6 must divide"):
     NSAConfig(compress_stride=6)
+  with pytest.raises(ValueError, match="nsa.query_chunk=0; use None"):
+    NSAConfig(query_chunk=0)
 
 
 def _nsa_model_config():
@@ -91,6 +93,25 @@ def test_hf_export_and_speculative_decoding_refuse_nsa():
   model = nnx.eval_shape(lambda: dsjax.Transformer(cfg, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="speculative='mtp' is not supported"):
     dsjax.generate(model, [[1, 2]], max_new_tokens=2, speculative="mtp")
+
+
+def test_query_chunk_leaves_the_layer_unchanged():
+  """nsa.query_chunk=16 (with "gather", every branch in rematerialised chunks) gives the
+  whole-sequence layer's output and input gradient. (With "pallas" it chunks only the
+  selection scores: tests/ops/test_nsa.py::test_branches_through_one_block_sparse_attention.)
+  """
+  import dataclasses
+  layer, x, cos, sin = _layer_and_inputs(t=40)
+  graphdef, params = nnx.split(layer)
+  chunked = dataclasses.replace(CFG, query_chunk=16)
+
+  def loss(x, cfg):
+    model = nnx.merge(graphdef, params)
+    model.nsa = cfg
+    return jnp.sum(jnp.sin(model(x, cos, sin, select_impl="gather")))
+  (a, ga), (b, gb) = (jax.value_and_grad(loss)(x, cfg) for cfg in (CFG, chunked))
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  np.testing.assert_allclose(ga, gb, rtol=1e-5, atol=1e-4)  # f32 sums in another order
 
 
 def test_pallas_selection_equals_gather_in_the_layer():
