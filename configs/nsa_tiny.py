@@ -20,7 +20,7 @@ def get_config():
   cfg.model.attention = "nsa"
   cfg.model.nsa = dict(num_kv_heads=1, head_dim=32, v_head_dim=32, compress_block=16,
                        compress_stride=8, compress_hidden=64, select_block=32, num_selected=4,
-                       window=64, select_impl="auto")
+                       window=64, select_impl="auto", query_chunk=0)
   cfg.model.max_position_embeddings = 1024
   cfg.train.seq_len = 512
   cfg.train.batch_size = 2

@@ -118,7 +118,7 @@ class NSAConfig:
     select_impl: "gather" (XLA: a gather of the selected blocks, the sliding window and
       compression in blocks; CPU), "pallas" (the pallas_kernels.nsa kernel for all three
       branches; interpreted on CPU) or "auto" (gather on CPU, pallas elsewhere).
-    query_chunk: None (whole sequences) or queries per chunk, which bounds memory at long
+    query_chunk: 0 (whole sequences) or queries per chunk, which bounds memory at long
       context: "gather" runs every branch in rematerialised chunks of this many queries,
       "pallas" computes the selection scores in such chunks (the kernels take whole
       sequences).
@@ -134,7 +134,7 @@ class NSAConfig:
   num_selected: int = 16
   window: int = 512
   select_impl: Literal["auto", "gather", "pallas"] = "auto"
-  query_chunk: int | None = None
+  query_chunk: int = 0
 
   def __post_init__(self):
     for name in ("num_kv_heads", "head_dim", "v_head_dim", "compress_block", "compress_stride",
@@ -150,8 +150,8 @@ class NSAConfig:
            "blocks are always selected).")
     _check(self.select_impl in NSA_SELECT_IMPLS,
            f"nsa.select_impl={self.select_impl!r}; use one of {NSA_SELECT_IMPLS}.")
-    _check(self.query_chunk is None or self.query_chunk > 0,
-           f"nsa.query_chunk={self.query_chunk}; use None (whole sequences) or a positive "
+    _check(self.query_chunk >= 0,
+           f"nsa.query_chunk={self.query_chunk}; use 0 (whole sequences) or a positive "
            "number of queries.")
 
 

@@ -59,8 +59,8 @@ def test_bad_head_counts_are_refused():
     NSAttention(32, 6, CFG.__class__(num_kv_heads=4), std=0.1, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="compress_stride=6 must divide"):
     NSAConfig(compress_stride=6)
-  with pytest.raises(ValueError, match="nsa.query_chunk=0; use None"):
-    NSAConfig(query_chunk=0)
+  with pytest.raises(ValueError, match="nsa.query_chunk=-1; use 0"):
+    NSAConfig(query_chunk=-1)
 
 
 def _nsa_model_config():
