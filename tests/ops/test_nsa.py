@@ -201,8 +201,8 @@ def test_branches_in_query_chunks_equal_whole_sequence(chunk, stages):
     np.testing.assert_allclose(g_whole, g_parts, atol=1e-5)
 
 
-@pytest.mark.parametrize("query_chunk", [None, 16])
-@pytest.mark.parametrize("packed", [False, True], ids=["one_doc", "packed"])
+@pytest.mark.parametrize("query_chunk, packed", [(None, False), (16, True)],
+                         ids=["whole-one_doc", "chunked-packed"])
 def test_branches_through_one_block_sparse_attention(query_chunk, packed):
   """attend_selected (the kernel's interface; here the gather path, which takes key_start
   and key_end too) computing all three branches, compression and window as block
