@@ -244,6 +244,22 @@ def compression_through_selection(attend_selected, q, k_cmp, v_cmp, length: int,
   return attend_selected(q, pad(k_cmp), pad(v_cmp), indices, key_start, key_end)
 
 
+def _to_query_chunks(x, query_chunk: int) -> jax.Array:
+  """[B,T,...] -> [chunks,B,query_chunk,...], zero-padded to whole chunks."""
+  t = x.shape[1]
+  chunks = -(-t // query_chunk)
+  x = jnp.pad(x, [(0, 0), (0, chunks * query_chunk - t)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.moveaxis(x.reshape(x.shape[0], chunks, query_chunk, *x.shape[2:]), 1, 0)
+
+
+def _from_query_chunks(x, axis: int, t: int) -> jax.Array:
+  """_to_query_chunks' inverse for a chunked result [chunks, ...] whose query axis is `axis`
+  within each chunk's [...]: -> [...] with the T queries (padding dropped) on `axis`."""
+  x = jnp.moveaxis(x, 0, axis)
+  x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
+  return x[(slice(None),) * axis + (slice(0, t),)]
+
+
 def selection_indices(q, k_cmp, v_cmp, nsa, scale: float, starts=None,
                       query_chunk: int | None = None) -> jax.Array:
   """The selected blocks int32[B,T,KV,n] of the queries q [B,T,N,H] (positions 0..T-1), with
@@ -254,19 +270,15 @@ def selection_indices(q, k_cmp, v_cmp, nsa, scale: float, starts=None,
   if not query_chunk or query_chunk >= t:
     return compression_and_selection(q, k_cmp, v_cmp, query_positions(t), t, nsa, scale,
                                      starts)[1]
-  chunks = -(-t // query_chunk)
-  to_chunks = lambda x: jnp.moveaxis(jnp.pad(
-      x, [(0, 0), (0, chunks * query_chunk - t)] + [(0, 0)] * (x.ndim - 2)).reshape(
-          x.shape[0], chunks, query_chunk, *x.shape[2:]), 1, 0)
+  q_chunks = _to_query_chunks(q, query_chunk)
 
   def chunk(args):
     index, qc, sc = args
     positions = query_positions(query_chunk, index * query_chunk)
     return compression_and_selection(qc, k_cmp, v_cmp, positions, t, nsa, scale, sc)[1]
-  xs = (jnp.arange(chunks, dtype=jnp.int32), to_chunks(q),
-        None if starts is None else to_chunks(starts))
-  indices = jax.lax.map(chunk, xs)
-  return jnp.moveaxis(indices, 0, 1).reshape(q.shape[0], -1, *indices.shape[3:])[:, :t]
+  xs = (jnp.arange(q_chunks.shape[0], dtype=jnp.int32), q_chunks,
+        None if starts is None else _to_query_chunks(starts, query_chunk))
+  return _from_query_chunks(jax.lax.map(chunk, xs), 1, t)
 
 
 def window_attention(q, k, v, q_positions, k_positions, window: int, scale: float):
@@ -346,10 +358,8 @@ def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select=None
   # visible to one) and padded queries' outputs are dropped. Window keys are padded in front
   # too, so that chunk [o, o+c) reads the slice [o, o+c+front) = positions o-front .. o+c-1.
   pad = lambda x, first=0: jnp.pad(x, [(0, 0), (first, padded - t)] + [(0, 0)] * (x.ndim - 2))
-  to_chunks = lambda x: jnp.moveaxis(
-      pad(x).reshape(x.shape[0], chunks, query_chunk, *x.shape[2:]), 1, 0)
-  q_chunks = to_chunks(q)
-  start_chunks = None if starts is None else to_chunks(starts)
+  q_chunks = _to_query_chunks(q, query_chunk)
+  start_chunks = None if starts is None else _to_query_chunks(starts, query_chunk)
   k_slc, v_slc = pad(keys[0]), pad(values[0])
   k_win, v_win = pad(keys[1], front), pad(values[1], front)
 
@@ -374,6 +384,4 @@ def branch_outputs(q, keys, values, k_cmp, v_cmp, nsa, scale: float, select=None
     _, out = jax.lax.scan(lambda carry, xs, body=body: (carry, body(*xs)), None, xs)
     results.append(out)
   outs, indices = (jnp.concatenate(parts) for parts in zip(*results))
-  unchunk = lambda x, axis: jnp.moveaxis(x, 0, axis).reshape(
-      *x.shape[1:axis + 1], padded, *x.shape[axis + 2:])[(slice(None),) * axis + (slice(0, t),)]
-  return unchunk(outs, 2), unchunk(indices, 1)
+  return _from_query_chunks(outs, 2, t), _from_query_chunks(indices, 1, t)
