@@ -36,7 +36,9 @@ torch's default thread count.
                                --experts 16 --topk 4 --repeats 3 --rows absorb,torch]
   (--rows absorb,naive,torch adds dsjax's expanded-K/V attention, about 2x slower to decode
   than absorb; --rows absorb,stacked,torch adds the Generator's stacked layout, whose decode
-  step scans the [L,...] weights and cache instead of reading per-layer buffers. The defaults
+  step scans the [L,...] weights and cache instead of reading per-layer buffers; --rows
+  absorb,in_major,torch adds the per-layer layout with input-major projection weights, the
+  default before output-major ones. The defaults
   take 2-4 minutes on a 2-core CPU.)
 """
 
@@ -53,7 +55,7 @@ import time
 
 import numpy as np
 
-ROWS = ("absorb", "stacked", "naive", "torch")
+ROWS = ("absorb", "in_major", "stacked", "naive", "torch")
 RESULT_TAG = "RESULT "
 
 
@@ -65,12 +67,14 @@ def parse_args():
     parser.add_argument(f"--{name}", type=int, default=default)
   parser.add_argument("--rows", default="absorb,torch",
                       help=f"comma-separated, some of {ROWS} (absorb/naive: dsjax attn_impl, "
-                           "per-layer layout; stacked: absorb with the stacked layout)")
+                           "per-layer layout; in_major: absorb with input-major projection "
+                           "weights; stacked: absorb with the stacked layout)")
   parser.add_argument("--moe-impl", default=None, help="dsjax MoE dispatch (default: config's)")
   parser.add_argument("--only", choices=("dsjax", "torch"), default=None,
                       help="internal: be one side's worker, commanded through stdin")
   parser.add_argument("--attn-impl", default="absorb", help="internal, with --only dsjax")
   parser.add_argument("--layout", default="per_layer", help="internal, with --only dsjax")
+  parser.add_argument("--projection-layout", default="auto", help="internal, with --only dsjax")
   parser.add_argument("--checkpoint", default=None, help="internal, with --only")
   return parser.parse_args()
 
@@ -104,11 +108,12 @@ def dsjax_side(args):
   import jax
   import dsjax
   from dsjax.infer import Generator
+  from dsjax.infer.weight_layout import resolve_projection_layout
   from dsjax.model.moe import resolve_impl
 
   model = dsjax.load_hf_checkpoint(args.checkpoint)
   generator = Generator(model, attn_impl=args.attn_impl, moe_impl=args.moe_impl,
-                        layout=args.layout)
+                        layout=args.layout, projection_layout=args.projection_layout)
   impl = args.moe_impl or model.config.moe.impl
   moe = (f"{resolve_impl(impl, model.config.moe, args.batch * args.prompt)} in prefill, "
          f"{resolve_impl(impl, model.config.moe, args.batch)} in decode")
@@ -124,7 +129,9 @@ def dsjax_side(args):
     extras = {"compile_s": getattr(result, "compile_seconds", None)}
     return result.tokens, result.prefill_seconds, stamps, result.cache_bytes, extras
 
-  return (generate, f"dsjax (jit, attn={args.attn_impl}, {args.layout} layout, moe={moe})",
+  projections = resolve_projection_layout(args.projection_layout, args.layout)
+  return (generate, f"dsjax (jit, attn={args.attn_impl}, {args.layout} layout, {projections} "
+          f"projections, moe={moe})",
           f"jax {jax.__version__} ({jax.default_backend()})")
 
 
@@ -217,7 +224,8 @@ class Worker:
     side = "torch" if row == "torch" else "dsjax"
     command = [sys.executable, os.path.abspath(__file__), "--only", side, "--checkpoint",
                checkpoint, "--attn-impl", "naive" if row == "naive" else "absorb",
-               "--layout", "stacked" if row == "stacked" else "per_layer"]
+               "--layout", "stacked" if row == "stacked" else "per_layer",
+               "--projection-layout", "in_major" if row == "in_major" else "auto"]
     for name in ("batch", "prompt", "new", "vocab"):
       command += [f"--{name}", str(getattr(args, name))]
     if args.moe_impl:

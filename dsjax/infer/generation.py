@@ -29,6 +29,7 @@ from flax import nnx
 
 from dsjax.infer.cache import cache_nbytes, pad_slots
 from dsjax.infer.sampling import SamplingParams, sample_next
+from dsjax.infer.weight_layout import out_major_projections, resolve_projection_layout
 from dsjax.model.stack import per_layer, unstack_layers
 from dsjax.model.transformer import DecodeCache, Transformer
 from dsjax.ops.latent_attention import ATTN_IMPLS
@@ -246,18 +247,25 @@ class Generator:
   own, so that a decode step reads them in place instead of slicing (and XLA copying) the
   [L,...] stacks; the Generator keeps its own copy of the stacked weights, and the steps run
   the layers unrolled. "stacked" uses the model's arrays as they are and scans the layers:
-  for very deep models, where compiling an unrolled step takes long, or to save the copy."""
+  for very deep models, where compiling an unrolled step takes long, or to save the copy.
+  projection_layout: "auto" (default; "out_major" on CPU, "in_major" elsewhere), "out_major"
+  or "in_major": how the per-layer copy holds its projection weights (see
+  dsjax.infer.weight_layout). The stacked layout uses the model's weights, in_major."""
 
   def __init__(self, model: Transformer, *, attn_impl: str = "absorb",
-               moe_impl: str | None = None, layout: str = "per_layer"):
+               moe_impl: str | None = None, layout: str = "per_layer",
+               projection_layout: str = "auto"):
     if attn_impl not in ATTN_IMPLS:
       raise ValueError(f"attn_impl={attn_impl!r}; use one of {ATTN_IMPLS}.")
     if layout not in LAYOUTS:
       raise ValueError(f"layout={layout!r}; use one of {LAYOUTS}.")
     self.config = model.config
     self.graphdef, self.state = nnx.split(model)
+    projection_layout = resolve_projection_layout(projection_layout, layout)
     if layout == "per_layer":
       self.state = unstack_layers(self.state)
+      if projection_layout == "out_major":
+        self.state = out_major_projections(model, self.state)
     self.layout = layout
     self.steps = compiled_steps(self.graphdef)
     self.attn_impl, self.moe_impl = attn_impl, moe_impl

@@ -10,6 +10,9 @@ from dsjax.ops.linear import project
 class MLP(nnx.Module):
   """w2(silu(x w1) * (x w3)); x [B,T,D] -> [B,T,D]."""
 
+  # Projection weights: (batch axes, input axes), see dsjax.infer.weight_layout.
+  PROJECTIONS = {"w1": (0, 1), "w3": (0, 1), "w2": (0, 1)}
+
   def __init__(self, dim: int, hidden: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs):
     self.w1 = normal_param(rngs, (dim, hidden), ("embed", "mlp"), std, param_dtype)
     self.w3 = normal_param(rngs, (dim, hidden), ("embed", "mlp"), std, param_dtype)

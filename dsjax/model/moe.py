@@ -10,6 +10,7 @@ from dsjax.config import MOE_IMPLS, ModelConfig, MoEConfig
 from dsjax.model.mlp import MLP
 from dsjax.model.param import AXES, RouterBias, normal_param
 from dsjax.ops import moe_dispatch
+from dsjax.ops.linear import OutMajor
 from dsjax.ops.routing import Routing, route
 
 
@@ -17,6 +18,10 @@ _DISPATCH = {"dense": moe_dispatch.experts_dense, "blocked": moe_dispatch.expert
              "ragged": moe_dispatch.experts_sorted,
              "pallas": functools.partial(moe_dispatch.experts_sorted,
                                          grouped_matmul=moe_dispatch.pallas_gmm)}
+# The dispatches that take output-major expert weights (dsjax.ops.linear.OutMajor) as they are.
+_DISPATCH_OUT_MAJOR = {
+    "dense": moe_dispatch.experts_dense_out_major,
+    "blocked": functools.partial(moe_dispatch.experts_blocked, out_major=True)}
 
 
 def resolve_impl(impl: str, moe: MoEConfig, tokens: int | None = None) -> str:
@@ -36,6 +41,9 @@ def resolve_impl(impl: str, moe: MoEConfig, tokens: int | None = None) -> str:
 
 class MoE(nnx.Module):
   """x [B,T,D] -> ([B,T,D], Routing over the B*T tokens)."""
+
+  # Projection weights: (batch axes, input axes), see dsjax.infer.weight_layout.
+  PROJECTIONS = {"w1": (1, 1), "w3": (1, 1), "w2": (1, 1)}
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     moe, d = cfg.moe, cfg.hidden_size
@@ -65,7 +73,13 @@ class MoE(nnx.Module):
     impl = resolve_impl(impl or self.moe.impl, self.moe, b * t)
     if impl not in _DISPATCH:
       raise ValueError(f"moe impl={impl!r}; use one of {MOE_IMPLS}.")
-    y = _DISPATCH[impl](tokens, routing.expert_ids, routing.expert_weights, w1, w3, w2)
+    dispatch = _DISPATCH[impl]
+    if isinstance(w1, OutMajor):
+      if impl in _DISPATCH_OUT_MAJOR:
+        dispatch, (w1, w3, w2) = _DISPATCH_OUT_MAJOR[impl], (w.t for w in (w1, w3, w2))
+      else:
+        w1, w3, w2 = (w.in_major() for w in (w1, w3, w2))
+    y = dispatch(tokens, routing.expert_ids, routing.expert_weights, w1, w3, w2)
     y = y.reshape(b, t, d).astype(x.dtype)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x)

@@ -40,6 +40,9 @@ class DecodeCache(NamedTuple):
 class Transformer(nnx.Module):
   """A DeepSeek-V2/V3-family decoder. `model(input_ids int32[B,T]) -> logits float[B,T,V]`."""
 
+  # Projection weights: (batch axes, input axes), see dsjax.infer.weight_layout.
+  PROJECTIONS = {"head": (0, 1)}
+
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, std, pdt = cfg.hidden_size, cfg.initializer_range, cfg.param_dtype
     self.config = cfg

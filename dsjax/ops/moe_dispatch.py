@@ -1,6 +1,8 @@
 """Routed-expert computation: three exact (dropless) dispatch implementations.
 
 x [M,D] tokens, expert_ids int32[M,K], weights [M,K], w1/w3 [E,D,F] (gate/up), w2 [E,F,D].
+The dense and blocked dispatches also take the output-major layout (dsjax.ops.linear.OutMajor,
+w1/w3 [E,F,D], w2 [E,D,F]) that decoding uses on CPU.
 """
 
 import math
@@ -16,6 +18,12 @@ def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
   return jax.nn.silu(gate) * up
 
 
+def _combine_matrix(expert_ids, weights, m: int, e: int) -> jax.Array:
+  """[M,E] float32: each token's routing weight per expert, zero for unchosen experts."""
+  return jnp.zeros((m, e), jnp.float32).at[jnp.arange(m)[:, None], expert_ids].add(
+      weights.astype(jnp.float32))
+
+
 def experts_dense(x, expert_ids, weights, w1, w3, w2) -> jax.Array:
   """Every expert on every token, combined with a [M,E] weight matrix that is zero for
   unchosen experts. E/K times the needed FLOPs, but each expert's weights are read once, in
@@ -23,12 +31,23 @@ def experts_dense(x, expert_ids, weights, w1, w3, w2) -> jax.Array:
   weights in their stored layout (contracting x [M,D] with [E,D,F] directly makes XLA
   transpose all expert weights first). Fastest on CPU for few tokens (decoding)."""
   m, e = x.shape[0], w1.shape[0]
-  combine = jnp.zeros((m, e), jnp.float32).at[jnp.arange(m)[:, None], expert_ids].add(
-      weights.astype(jnp.float32))
+  combine = _combine_matrix(expert_ids, weights, m, e)
   xe = jnp.broadcast_to(x, (e,) + x.shape)
   h = _swiglu(jnp.einsum("EMD,EDF->EMF", xe, w1), jnp.einsum("EMD,EDF->EMF", xe, w3))
   y = jnp.einsum("EMF,EFD->EMD", h, w2)
   return jnp.einsum("EMD,ME->MD", y, combine.astype(y.dtype))
+
+
+def experts_dense_out_major(x, expert_ids, weights, w1t, w3t, w2t) -> jax.Array:
+  """experts_dense with output-major weights w1t/w3t [E,F,D], w2t [E,D,F]: every product has
+  the expert weights as its left operand and the few tokens as its right one ([E*F,D] . [M,D]
+  -> [E,F,M], then [E,D,F] . [E,F,M] -> [E,D,M]), the operand order that XLA's CPU dot runs
+  fastest for few rows (1.6 vs 2.6 ms per layer at D=512, E=16, F=256, M=8)."""
+  m, e = x.shape[0], w1t.shape[0]
+  combine = _combine_matrix(expert_ids, weights, m, e)
+  h = _swiglu(jnp.einsum("EFD,MD->EFM", w1t, x), jnp.einsum("EFD,MD->EFM", w3t, x))
+  y = jnp.einsum("EDF,EFM->EDM", w2t, h)
+  return jnp.einsum("EDM,ME->MD", y, combine.astype(y.dtype))
 
 
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -94,17 +113,19 @@ def default_block(tokens: int, k: int, experts: int) -> int:
   return int(min(128, max(8, 2 ** round(math.log2(max(tokens * k // experts, 1))))))
 
 
-def experts_blocked(x, expert_ids, weights, w1, w3, w2, block: int | None = None) -> jax.Array:
+def experts_blocked(x, expert_ids, weights, w1, w3, w2, block: int | None = None,
+                    out_major: bool = False) -> jax.Array:
   """Dropless block-padded dispatch for CPU: rows sorted by expert, each expert's rows padded to
   whole blocks, every block multiplied by its expert's weights in one batched einsum. FLOPs are
-  (M*K + E*block) rows' worth instead of the dense path's M*E, with static shapes."""
+  (M*K + E*block) rows' worth instead of the dense path's M*E, with static shapes.
+  `out_major`: w1/w3 are [E,F,D] and w2 [E,D,F]."""
   m, k = expert_ids.shape
   e, d = w1.shape[0], x.shape[1]
   block = block or default_block(m, k, e)
   order, destination, block_expert, capacity = _padded_layout(expert_ids.reshape(-1), e, block)
   rows = jnp.zeros((capacity, d), x.dtype).at[destination].set(x[order // k])
   rows = rows.reshape(capacity // block, block, d)
-  h = _swiglu(jnp.einsum("GBD,GDF->GBF", rows, w1[block_expert]),
-              jnp.einsum("GBD,GDF->GBF", rows, w3[block_expert]))
-  y = jnp.einsum("GBF,GFD->GBD", h, w2[block_expert]).reshape(capacity, d)
+  up, down = ("GBD,GFD->GBF", "GBF,GDF->GBD") if out_major else ("GBD,GDF->GBF", "GBF,GFD->GBD")
+  h = _swiglu(jnp.einsum(up, rows, w1[block_expert]), jnp.einsum(up, rows, w3[block_expert]))
+  y = jnp.einsum(down, h, w2[block_expert]).reshape(capacity, d)
   return _unsort_and_combine(y[destination], order, weights)
