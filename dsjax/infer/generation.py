@@ -42,6 +42,7 @@ OnTokens = Callable[[int, list[int]], None]
 
 
 LAYOUTS = ("per_layer", "stacked")
+GENERATOR_OPTIONS = ("attn_impl", "moe_impl", "layout", "projection_layout")
 
 
 def _next_power_of_two(n: int) -> int:
@@ -322,9 +323,11 @@ class Generator:
     ids = np.zeros((batch, padded_len), np.int32)
     for i, prompt in enumerate(prompts):
       ids[i, :len(prompt)] = prompt
-    # Slots: the prompt bucket plus one (MTP slots start at 1), and every row's prompt plus
-    # its new tokens plus the two a speculative step may write past the last one.
-    slots = cache_bucket(max(padded_len + 1, int(lengths.max()) + max_new_tokens + 2))
+    # Slots: the prompt bucket, and every row's prompt plus its new tokens (the last new token
+    # is never written: one slot to spare). Speculative decoding: one more for the prompt
+    # bucket (MTP slots start at 1) and the two a speculative step may write past the end.
+    spare = 2 if speculative == "mtp" else 0
+    slots = cache_bucket(max(padded_len + spare // 2, int(lengths.max()) + max_new_tokens + spare))
     key = jax.random.key(seed)
     outputs = _Outputs(rows, max_new_tokens, eos_id, on_tokens)
 
@@ -410,9 +413,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_id: int | None = None, **options) -> list[list[int]]:
   """Generated token ids for each prompt (a list of token-id lists); see Generator.generate.
-  `options`: attn_impl, moe_impl, layout (Generator) and speculative, on_tokens
-  (Generator.generate)."""
-  generator = Generator(model, **{k: options.pop(k) for k in ("attn_impl", "moe_impl", "layout")
-                                  if k in options})
+  `options`: attn_impl, moe_impl, layout, projection_layout (Generator) and speculative,
+  on_tokens (Generator.generate)."""
+  generator = Generator(model, **{k: options.pop(k) for k in GENERATOR_OPTIONS if k in options})
   return generator.generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
                             **options).tokens

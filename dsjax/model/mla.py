@@ -23,9 +23,9 @@ from dsjax.ops.slots import write_at_slots
 class MLA(nnx.Module):
   """x [B,T,D] -> [B,T,D] with rotary cos/sin [B,T,R/2] and a bool mask [B,1,T,S]."""
 
-  # Projection weights: (batch axes, input axes), see dsjax.infer.weight_layout. wkv_b is
-  # read per head by the latent attention and keeps its layout.
-  PROJECTIONS = {"wq": (0, 1), "wq_a": (0, 1), "wq_b": (0, 1), "wkv_a": (0, 1), "wo": (0, 2)}
+  # Projection weights: (batch axes, input axes), see dsjax.infer.weight_layout.
+  PROJECTIONS = {"wq": (0, 1), "wq_a": (0, 1), "wq_b": (0, 1), "wkv_a": (0, 1), "wkv_b": (0, 1),
+                 "wo": (0, 2)}
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     mla, d, n = cfg.mla, cfg.hidden_size, cfg.num_attention_heads

@@ -10,6 +10,10 @@ key k_pe [B,S,R] shared by all heads; wkv_b [C,N,Hn+Hv] holds the per-head up-pr
             `attn_impl="absorb"`. Per query it reads C+R values per key instead of
             N*(Hn+R+Hv), which is what makes decoding memory-cheap.
 
+wkv_b may also come output-major (dsjax.ops.linear.OutMajor, [N,Hn+Hv,C]: the decoding layout
+on CPU), which gives each head's W_uk and W_uv as contiguous [H,C] blocks; input-major, XLA
+transposes both per call.
+
 Keys come as several segments (e.g. the cache and the tokens of this step), each with its own
 mask; the softmax is joint over all of them, so the cache is never concatenated or copied.
 """
@@ -19,6 +23,8 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from dsjax.ops.linear import OutMajor
 
 ATTN_IMPLS = ("absorb", "naive")
 
@@ -30,29 +36,38 @@ class KeySegment(NamedTuple):
   mask: jax.Array
 
 
-def _logits(q_nope, q_pe, segment: KeySegment, w_uk, absorb: bool) -> jax.Array:
+def _up_projections(wkv_b: jax.Array | OutMajor, nope_dim: int):
+  """(W_uk, W_uv, their einsum axes): [C,N,Hn], [C,N,Hv], "CNH" from wkv_b [C,N,Hn+Hv], or
+  [N,Hn,C], [N,Hv,C], "NHC" from an OutMajor one."""
+  if isinstance(wkv_b, OutMajor):
+    return *jnp.split(wkv_b.t, [nope_dim], axis=1), "NHC"
+  return *jnp.split(wkv_b, [nope_dim], axis=-1), "CNH"
+
+
+def _logits(q_nope, q_pe, segment: KeySegment, w_uk, w_axes: str, absorb: bool) -> jax.Array:
   f32 = jnp.float32
   rope = jnp.einsum("BTNR,BSR->BTNS", q_pe, segment.k_pe, preferred_element_type=f32)
   if absorb:
-    q_latent = jnp.einsum("BTNH,CNH->BTNC", q_nope, w_uk)
+    q_latent = jnp.einsum(f"BTNH,{w_axes}->BTNC", q_nope, w_uk)
     nope = jnp.einsum("BTNC,BSC->BTNS", q_latent, segment.c_kv, preferred_element_type=f32)
   else:
-    k_nope = jnp.einsum("BSC,CNH->BSNH", segment.c_kv, w_uk)
+    k_nope = jnp.einsum(f"BSC,{w_axes}->BSNH", segment.c_kv, w_uk)
     nope = jnp.einsum("BTNH,BSNH->BTNS", q_nope, k_nope, preferred_element_type=f32)
   return nope + rope
 
 
-def _values(probs, segment: KeySegment, w_uv, absorb: bool) -> jax.Array:
+def _values(probs, segment: KeySegment, w_uv, w_axes: str, absorb: bool) -> jax.Array:
   probs = probs.astype(segment.c_kv.dtype)
   if absorb:
     out_latent = jnp.einsum("BTNS,BSC->BTNC", probs, segment.c_kv)
-    return jnp.einsum("BTNC,CNH->BTNH", out_latent, w_uv)
-  v = jnp.einsum("BSC,CNH->BSNH", segment.c_kv, w_uv)
+    return jnp.einsum(f"BTNC,{w_axes}->BTNH", out_latent, w_uv)
+  v = jnp.einsum(f"BSC,{w_axes}->BSNH", segment.c_kv, w_uv)
   return jnp.einsum("BTNS,BSNH->BTNH", probs, v)
 
 
 def latent_attention(q_nope: jax.Array, q_pe: jax.Array, segments: Sequence[KeySegment],
-                     wkv_b: jax.Array, scale: float, impl: str = "absorb") -> jax.Array:
+                     wkv_b: jax.Array | OutMajor, scale: float, impl: str = "absorb"
+                     ) -> jax.Array:
   """softmax((q_nope.k_nope + q_pe.k_pe) * scale) v over all key segments.
 
   q_nope [B,T,N,Hn], q_pe [B,T,N,R] (rotated), wkv_b [C,N,Hn+Hv] -> [B,T,N,Hv]. A query with no
@@ -61,8 +76,8 @@ def latent_attention(q_nope: jax.Array, q_pe: jax.Array, segments: Sequence[KeyS
   if impl not in ATTN_IMPLS:
     raise ValueError(f"attn_impl={impl!r}; use one of {ATTN_IMPLS}.")
   absorb = impl == "absorb"
-  w_uk, w_uv = jnp.split(wkv_b, [q_nope.shape[-1]], axis=-1)
-  logits = [_logits(q_nope, q_pe, s, w_uk, absorb) * scale for s in segments]
+  w_uk, w_uv, w_axes = _up_projections(wkv_b, q_nope.shape[-1])
+  logits = [_logits(q_nope, q_pe, s, w_uk, w_axes, absorb) * scale for s in segments]
   # Logits are laid out [B,T,N,S], (T,N) being the rows of one matmul per batch row.
   masks = [jnp.broadcast_to(jnp.swapaxes(s.mask, 1, 2), l.shape)
            for s, l in zip(segments, logits)]
@@ -72,4 +87,4 @@ def latent_attention(q_nope: jax.Array, q_pe: jax.Array, segments: Sequence[KeyS
   probs = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
   parts = jnp.split(probs, list(itertools.accumulate(s.c_kv.shape[1] for s in segments))[:-1],
                     axis=-1)
-  return sum(_values(p, s, w_uv, absorb) for p, s in zip(parts, segments))
+  return sum(_values(p, s, w_uv, w_axes, absorb) for p, s in zip(parts, segments))

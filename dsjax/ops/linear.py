@@ -32,10 +32,13 @@ class OutMajor:
     self.t, self.batch, self.contract = t, batch, contract
 
   @classmethod
-  def from_in_major(cls, w: jax.Array, batch: int, contract: int) -> "OutMajor":
-    inputs = range(batch, batch + contract)
-    return cls(jnp.transpose(w, (*range(batch), *range(batch + contract, w.ndim), *inputs)),
-               batch, contract)
+  def from_in_major(cls, w: jax.Array | jax.ShapeDtypeStruct, batch: int, contract: int
+                    ) -> "OutMajor":
+    """w (or an abstract one: the OutMajor of its shape) in the output-major layout."""
+    order = (*range(batch), *range(batch + contract, w.ndim), *range(batch, batch + contract))
+    if isinstance(w, jax.ShapeDtypeStruct):
+      return cls(jax.ShapeDtypeStruct(tuple(w.shape[i] for i in order), w.dtype), batch, contract)
+    return cls(jnp.transpose(w, order), batch, contract)
 
   def in_major(self) -> jax.Array:
     b, n, ndim = self.batch, self.contract, self.t.ndim

@@ -13,6 +13,7 @@ import dsjax
 from dsjax.infer import Generator, bytes_per_token_per_layer, cache_ratio
 from dsjax.infer.generation import _per_layer_cache, compiled_steps
 from dsjax.infer.cache import pad_slots
+from dsjax.infer.weight_layout import out_major_projections
 from dsjax.model.stack import PerLayer, unstack_layers
 from dsjax.model.transformer import DecodeCache
 from tests.model_fixtures import forward, randomized_model, tiny_config, tokens
@@ -25,12 +26,16 @@ def _prefill_then_decode(graphdef, state, ids, *, attn_impl: str, step: int,
                          layout: str = "stacked"):
   """Logits [B,TOTAL-PROMPT,V] of tokens PROMPT.. computed by prefilling ids[:, :PROMPT] and
   then decoding `step` tokens per call, plus the final cache. layout "per_layer": decoding
-  with PerLayer weights and cache buffers (the Generator's default)."""
+  with PerLayer weights and cache buffers; "out_major": the same with output-major projection
+  weights (the Generator's default on CPU)."""
   model = nnx.merge(graphdef, state)
   _, latents = model.prefill(ids[:, :PROMPT])
   cache = DecodeCache(pad_slots(latents.dense, SLOTS), pad_slots(latents.moe, SLOTS), None)
-  if layout == "per_layer":
-    model = nnx.merge(graphdef, unstack_layers(state))
+  if layout != "stacked":
+    per_layer_state = unstack_layers(state)
+    if layout == "out_major":
+      per_layer_state = out_major_projections(model, per_layer_state)
+    model = nnx.merge(graphdef, per_layer_state)
     cache = _per_layer_cache(cache)
   b = ids.shape[0]
   outputs = []
@@ -52,7 +57,7 @@ def reference(model):
   return ids, np.asarray(forward(model, ids).logits)
 
 
-@pytest.mark.parametrize("layout", ["stacked", "per_layer"])
+@pytest.mark.parametrize("layout", ["stacked", "per_layer", "out_major"])
 @pytest.mark.parametrize("attn_impl,step", [("absorb", 1), ("naive", 1), ("absorb", 3)])
 def test_prefill_and_decode_equal_the_full_forward(model, reference, attn_impl, step, layout):
   ids, full = reference
@@ -60,7 +65,7 @@ def test_prefill_and_decode_equal_the_full_forward(model, reference, attn_impl, 
   logits, cache = _prefill_then_decode(graphdef, state, ids, attn_impl=attn_impl, step=step,
                                        layout=layout)
   np.testing.assert_allclose(np.asarray(logits), full[:, PROMPT:], atol=1e-4, rtol=1e-4)
-  assert isinstance(cache.moe.c_kv, PerLayer) == (layout == "per_layer")
+  assert isinstance(cache.moe.c_kv, PerLayer) == (layout != "stacked")
 
 
 def test_per_layer_cache_holds_the_stacked_cache(model, reference):

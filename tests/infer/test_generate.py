@@ -37,12 +37,14 @@ def checkpoint(request, tmp_path_factory):
   return torch_model, dsjax.load_hf_checkpoint(path)
 
 
-@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
-def test_greedy_matches_transformers_generate(checkpoint, layout):
+@pytest.mark.parametrize("layout,projection_layout", [
+    ("per_layer", "auto"), ("per_layer", "in_major"), ("stacked", "auto")])
+def test_greedy_matches_transformers_generate(checkpoint, layout, projection_layout):
   torch_model, model = checkpoint
   prompts = _prompts(model.config.vocab_size)
   expected = [_transformers_greedy(torch_model, p) for p in prompts]
-  got = dsjax.generate(model, prompts, max_new_tokens=NEW_TOKENS, layout=layout)
+  got = dsjax.generate(model, prompts, max_new_tokens=NEW_TOKENS, layout=layout,
+                       projection_layout=projection_layout)
   assert [len(t) for t in got] == [NEW_TOKENS] * len(prompts)
   for row, (a, b) in enumerate(zip(got, expected)):
     assert a == b, f"row {row} (prompt length {len(prompts[row])}): {a} vs {b}"
@@ -97,3 +99,11 @@ def test_unknown_layout_says_what_to_change(checkpoint):
   _, model = checkpoint
   with pytest.raises(ValueError, match="layout='rows'; use one of"):
     Generator(model, layout="rows")
+
+
+def test_unknown_or_unusable_projection_layout_says_what_to_change(checkpoint):
+  _, model = checkpoint
+  with pytest.raises(ValueError, match="projection_layout='rows'; use one of"):
+    Generator(model, projection_layout="rows")
+  with pytest.raises(ValueError, match="needs layout='per_layer'"):
+    Generator(model, layout="stacked", projection_layout="out_major")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dsjax.ops.moe_dispatch import experts_blocked, experts_dense, experts_sorted
+from dsjax.ops.moe_dispatch import (experts_blocked, experts_dense, experts_dense_out_major,
+                                   experts_sorted)
 
 
 def _problem(seed, m, k, e, skew):
@@ -34,6 +35,20 @@ def test_blocked_and_sorted_equal_dense(seed, m, k, e, skew, block):
                              atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(experts_sorted(x, ids, weights, w1, w3, w2), dense,
                              atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 24), e=st.sampled_from([3, 8]),
+       skew=st.booleans())
+def test_out_major_weights_give_the_same_experts(seed, m, e, skew):
+  """The decoding layout (w1/w3 [E,F,D], w2 [E,D,F]) through the dense and blocked dispatches."""
+  x, ids, weights, w1, w3, w2 = _problem(seed, m, 2, e, skew)
+  dense = experts_dense(x, ids, weights, w1, w3, w2)
+  w1t, w3t, w2t = (np.swapaxes(w, 1, 2) for w in (w1, w3, w2))
+  np.testing.assert_allclose(experts_dense_out_major(x, ids, weights, w1t, w3t, w2t), dense,
+                             atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(experts_blocked(x, ids, weights, w1t, w3t, w2t, out_major=True),
+                             dense, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("impl", [experts_blocked, experts_sorted])
