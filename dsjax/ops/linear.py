@@ -7,9 +7,10 @@ activations instead, XLA's CPU backend copies transposed activations before the
 weight-gradient dots, which made the backward pass several times slower than the forward.
 
 `OutMajor` is the same weight stored with its output axes first (PyTorch's nn.Linear order),
-the decoding layout on CPU: there a product with few rows (the batch's new tokens) runs 1.4 to
-2.5 times faster as weight [F,K] . x [M,K] -> [F,M] than as x [M,K] . w [K,F] (XLA's CPU dot
-streams the large operand best as the left one). `project` takes either layout.
+the decoding layout on CPU: there a product with few rows (the batch's new tokens) runs faster
+as weight [F,K] . x [M,K] -> [F,M] than as x [M,K] . w [K,F] (1.4 to 2.5 times in
+microbenchmarks; XLA's CPU dot streams the large operand best as the left one). `project`
+takes either layout.
 """
 
 import math
