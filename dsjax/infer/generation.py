@@ -29,7 +29,8 @@ from flax import nnx
 
 from dsjax.infer.cache import cache_nbytes, pad_slots
 from dsjax.infer.sampling import SamplingParams, sample_next
-from dsjax.infer.weight_layout import out_major_projections, resolve_projection_layout
+from dsjax.infer.weight_layout import (AUTO_MIN_ELEMENTS, out_major_projections,
+                                       resolve_projection_layout)
 from dsjax.model.stack import per_layer, unstack_layers
 from dsjax.model.transformer import DecodeCache, Transformer
 from dsjax.ops.latent_attention import ATTN_IMPLS
@@ -249,8 +250,9 @@ class Generator:
   [L,...] stacks; the Generator keeps its own copy of the stacked weights, and the steps run
   the layers unrolled. "stacked" uses the model's arrays as they are and scans the layers:
   for very deep models, where compiling an unrolled step takes long, or to save the copy.
-  projection_layout: "auto" (default; "out_major" on CPU, "in_major" elsewhere), "out_major"
-  or "in_major": how the per-layer copy holds its projection weights (see
+  projection_layout: "auto" (default: "out_major" on CPU for weights of at least
+  AUTO_MIN_ELEMENTS elements, "in_major" elsewhere), "out_major" (every projection weight) or
+  "in_major": how the per-layer copy holds its projection weights (see
   dsjax.infer.weight_layout). The stacked layout uses the model's weights, in_major."""
 
   def __init__(self, model: Transformer, *, attn_impl: str = "absorb",
@@ -262,11 +264,12 @@ class Generator:
       raise ValueError(f"layout={layout!r}; use one of {LAYOUTS}.")
     self.config = model.config
     self.graphdef, self.state = nnx.split(model)
-    projection_layout = resolve_projection_layout(projection_layout, layout)
+    resolved = resolve_projection_layout(projection_layout, layout)
     if layout == "per_layer":
       self.state = unstack_layers(self.state)
-      if projection_layout == "out_major":
-        self.state = out_major_projections(model, self.state)
+      if resolved == "out_major":
+        min_elements = AUTO_MIN_ELEMENTS if projection_layout == "auto" else 0
+        self.state = out_major_projections(model, self.state, min_elements)
     self.layout = layout
     self.steps = compiled_steps(self.graphdef)
     self.attn_impl, self.moe_impl = attn_impl, moe_impl

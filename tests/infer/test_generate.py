@@ -37,8 +37,10 @@ def checkpoint(request, tmp_path_factory):
   return torch_model, dsjax.load_hf_checkpoint(path)
 
 
-# Input-major per-layer weights give the output-major tokens (tests/infer/test_weight_layout.py).
-@pytest.mark.parametrize("layout,projection_layout", [("per_layer", "auto"), ("stacked", "auto")])
+# Input-major per-layer weights (what "auto" gives these tiny models) give the output-major
+# tokens (tests/infer/test_weight_layout.py).
+@pytest.mark.parametrize("layout,projection_layout", [("per_layer", "out_major"),
+                                                      ("stacked", "auto")])
 def test_greedy_matches_transformers_generate(checkpoint, layout, projection_layout):
   torch_model, model = checkpoint
   prompts = _prompts(model.config.vocab_size)

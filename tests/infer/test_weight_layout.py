@@ -7,6 +7,8 @@ import pytest
 from flax import nnx
 
 from dsjax.infer import Generator
+from dsjax.infer.weight_layout import AUTO_MIN_ELEMENTS, out_major_projections
+from dsjax.model.stack import unstack_layers
 from dsjax.ops.linear import OutMajor
 from tests.model_fixtures import randomized_model, tiny_config
 
@@ -52,3 +54,19 @@ def test_generation_is_the_same_with_either_layout(model, moe_impl):
   tokens = [Generator(model, moe_impl=moe_impl, projection_layout=layout).generate(
       prompts, max_new_tokens=12).tokens for layout in ("out_major", "in_major")]
   assert tokens[0] == tokens[1]
+
+
+def test_auto_converts_only_weights_of_at_least_the_minimum_size(model):
+  """"auto" (CPU) leaves weights below AUTO_MIN_ELEMENTS input-major; out_major_projections'
+  min_elements picks by the per-layer size."""
+  leaves = lambda state: jax.tree.leaves(state, is_leaf=_is_out_major)
+  _, state = nnx.split(model)
+  per_layer = unstack_layers(state)
+  sizes = sorted(a.t.size for a in leaves(out_major_projections(model, per_layer))
+                 if _is_out_major(a))
+  assert sizes[-1] < AUTO_MIN_ELEMENTS  # this tiny model: nothing is converted by "auto"
+  assert not any(map(_is_out_major, leaves(Generator(model).state)))
+  cut = sizes[len(sizes) // 2]
+  converted = [a.t.size for a in leaves(out_major_projections(model, per_layer, cut))
+               if _is_out_major(a)]
+  assert sorted(converted) == [n for n in sizes if n >= cut] and 0 < len(converted) < len(sizes)
