@@ -329,8 +329,9 @@ class Generator:
     # Slots: the prompt bucket, and every row's prompt plus its new tokens (the last new token
     # is never written: one slot to spare). Speculative decoding: one more for the prompt
     # bucket (MTP slots start at 1) and the two a speculative step may write past the end.
-    spare = 2 if speculative == "mtp" else 0
-    slots = cache_bucket(max(padded_len + spare // 2, int(lengths.max()) + max_new_tokens + spare))
+    mtp = speculative == "mtp"
+    slots = cache_bucket(max(padded_len + (1 if mtp else 0),
+                             int(lengths.max()) + max_new_tokens + (2 if mtp else 0)))
     key = jax.random.key(seed)
     outputs = _Outputs(rows, max_new_tokens, eos_id, on_tokens)
 

@@ -3,9 +3,10 @@
 A decode step multiplies every weight by a few rows (one new token per batch row). XLA's CPU
 dot runs such a product faster with the weight as the left operand, [F,K] . [M,K] -> [F,M],
 than as [M,K] . [K,F]: 1.4 to 2.5 times in microbenchmarks, and 26.2 vs 33.4 ms for the whole
-decode step of benchmarks/decode.py on the project's 2-core machine (docs/benchmarks.md). Transposing a weight inside the
-step would cost more than it saves, so the Generator stores the weights that its steps
-multiply as dsjax.ops.linear.OutMajor once, when it lays out its copy of the weights.
+decode step of benchmarks/decode.py on the project's 2-core machine (docs/benchmarks.md).
+Transposing a weight inside the step would cost more than it saves, so the Generator stores
+the weights that its steps multiply as dsjax.ops.linear.OutMajor once, when it lays out its
+copy of the weights.
 
 Modules name their projection weights in a class attribute
 `PROJECTIONS = {attribute: (batch axes, input axes)}`; every reader of those weights (the
