@@ -42,8 +42,9 @@ def resolve_impl(impl: str, moe: MoEConfig, tokens: int | None = None) -> str:
 class MoE(nnx.Module):
   """x [B,T,D] -> ([B,T,D], Routing over the B*T tokens)."""
 
-  # Projection weights: (batch axes, input axes), see dsjax.infer.weight_layout.
-  PROJECTIONS = {"w1": (1, 1), "w3": (1, 1), "w2": (1, 1)}
+  # Projection weights: (batch axes, input axes), see dsjax.infer.weight_layout. w2 contracts
+  # experts and hidden units together: the routing weights scale the hidden units first.
+  PROJECTIONS = {"w1": (1, 1), "w3": (1, 1), "w2": (0, 2)}
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     moe, d = cfg.moe, cfg.hidden_size

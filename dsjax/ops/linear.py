@@ -87,11 +87,16 @@ def _project_out_major(x: jax.Array, w: OutMajor, contract: int) -> jax.Array:
                      f"{contract} contracted axes.")
   k = math.prod(inner)
   rows, t = x.reshape(-1, k), w.t.reshape(-1, k)
-  both_last = (((1,), (1,)), ((), ()))
   if rows.shape[0] <= FEW_ROWS:
-    # The barrier keeps XLA from folding the transpose back into the dot (x . t^T), which
-    # would undo the faster operand order.
-    y = jax.lax.optimization_barrier(jax.lax.dot_general(t, rows, both_last)).T
+    y = out_major_product(t, rows).T
   else:
-    y = jax.lax.dot_general(rows, t, both_last)
+    y = jax.lax.dot_general(rows, t, (((1,), (1,)), ((), ())))
   return y.reshape(*lead, *out)
+
+
+def out_major_product(t: jax.Array, rows: jax.Array) -> jax.Array:
+  """t [F,K] . rows [M,K] -> [F,M] (the transposed product), the weight as the left operand:
+  the faster order for few rows on CPU. The barrier keeps XLA from folding a transpose of the
+  result back into the dot ([M,K] . [K,F]), which would undo that order."""
+  return jax.lax.optimization_barrier(
+      jax.lax.dot_general(t, rows, (((1,), (1,)), ((), ()))))

@@ -1,8 +1,9 @@
 """Routed-expert computation: three exact (dropless) dispatch implementations.
 
 x [M,D] tokens, expert_ids int32[M,K], weights [M,K], w1/w3 [E,D,F] (gate/up), w2 [E,F,D].
-The dense and blocked dispatches also take the output-major layout (dsjax.ops.linear.OutMajor,
-w1/w3 [E,F,D], w2 [E,D,F]) that decoding uses on CPU.
+The dense and blocked dispatches also take the output-major layout (dsjax.ops.linear.OutMajor)
+that decoding uses on CPU: w1/w3 [E,F,D] (experts kept in front), w2 [D,E,F] (w2 contracts
+experts and hidden units together, so its output axis comes first).
 """
 
 import math
@@ -11,6 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from dsjax.ops.linear import out_major_product
 from pallas_kernels.gmm import gmm
 
 
@@ -39,15 +41,18 @@ def experts_dense(x, expert_ids, weights, w1, w3, w2) -> jax.Array:
 
 
 def experts_dense_out_major(x, expert_ids, weights, w1t, w3t, w2t) -> jax.Array:
-  """experts_dense with output-major weights w1t/w3t [E,F,D], w2t [E,D,F]: every product has
-  the expert weights as its left operand and the few tokens as its right one ([E*F,D] . [M,D]
-  -> [E,F,M], then [E,D,F] . [E,F,M] -> [E,D,M]), the operand order that XLA's CPU dot runs
-  fastest for few rows (1.6 vs 2.6 ms per layer at D=512, E=16, F=256, M=8)."""
-  m, e = x.shape[0], w1t.shape[0]
+  """experts_dense with output-major weights w1t/w3t [E,F,D], w2t [D,E,F]: every product has
+  the weights as its left operand and the few tokens as its right one, the operand order that
+  XLA's CPU dot runs fastest for few rows. The routing weights scale the hidden units before
+  the down-projection, so that it is one product summed over experts and hidden units together
+  ([D,E*F] . [E*F,M]) instead of one per expert followed by a weighted sum. On the project's
+  2-core CPU (D=512, E=16, F=256, M=8) an MoE layer of the decode step took 2.3 instead of
+  2.7 ms."""
+  m, (e, f, d) = x.shape[0], w1t.shape
   combine = _combine_matrix(expert_ids, weights, m, e)
   h = _swiglu(jnp.einsum("EFD,MD->EFM", w1t, x), jnp.einsum("EFD,MD->EFM", w3t, x))
-  y = jnp.einsum("EDF,EFM->EDM", w2t, h)
-  return jnp.einsum("EDM,ME->MD", y, combine.astype(y.dtype))
+  h = h * combine.T[:, None, :].astype(h.dtype)
+  return out_major_product(w2t.reshape(d, e * f), h.reshape(e * f, m).T).T
 
 
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -118,14 +123,17 @@ def experts_blocked(x, expert_ids, weights, w1, w3, w2, block: int | None = None
   """Dropless block-padded dispatch for CPU: rows sorted by expert, each expert's rows padded to
   whole blocks, every block multiplied by its expert's weights in one batched einsum. FLOPs are
   (M*K + E*block) rows' worth instead of the dense path's M*E, with static shapes.
-  `out_major`: w1/w3 are [E,F,D] and w2 [E,D,F]."""
+  `out_major`: w1/w3 are [E,F,D] and w2 [D,E,F]."""
   m, k = expert_ids.shape
   e, d = w1.shape[0], x.shape[1]
   block = block or default_block(m, k, e)
   order, destination, block_expert, capacity = _padded_layout(expert_ids.reshape(-1), e, block)
   rows = jnp.zeros((capacity, d), x.dtype).at[destination].set(x[order // k])
   rows = rows.reshape(capacity // block, block, d)
-  up, down = ("GBD,GFD->GBF", "GBF,GDF->GBD") if out_major else ("GBD,GDF->GBF", "GBF,GFD->GBD")
+  if out_major:
+    up, down, w2_blocks = "GBD,GFD->GBF", "GBF,DGF->GBD", w2[:, block_expert]
+  else:
+    up, down, w2_blocks = "GBD,GDF->GBF", "GBF,GFD->GBD", w2[block_expert]
   h = _swiglu(jnp.einsum(up, rows, w1[block_expert]), jnp.einsum(up, rows, w3[block_expert]))
-  y = jnp.einsum(down, h, w2[block_expert]).reshape(capacity, d)
+  y = jnp.einsum(down, h, w2_blocks).reshape(capacity, d)
   return _unsort_and_combine(y[destination], order, weights)

@@ -41,10 +41,11 @@ def test_blocked_and_sorted_equal_dense(seed, m, k, e, skew, block):
 @given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 24), e=st.sampled_from([3, 8]),
        skew=st.booleans())
 def test_out_major_weights_give_the_same_experts(seed, m, e, skew):
-  """The decoding layout (w1/w3 [E,F,D], w2 [E,D,F]) through the dense and blocked dispatches."""
+  """The decoding layout (w1/w3 [E,F,D], w2 [D,E,F]) through the dense and blocked dispatches."""
   x, ids, weights, w1, w3, w2 = _problem(seed, m, 2, e, skew)
   dense = experts_dense(x, ids, weights, w1, w3, w2)
-  w1t, w3t, w2t = (np.swapaxes(w, 1, 2) for w in (w1, w3, w2))
+  w1t, w3t = (np.swapaxes(w, 1, 2) for w in (w1, w3))
+  w2t = np.transpose(w2, (2, 0, 1))
   np.testing.assert_allclose(experts_dense_out_major(x, ids, weights, w1t, w3t, w2t), dense,
                              atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(experts_blocked(x, ids, weights, w1t, w3t, w2t, out_major=True),
