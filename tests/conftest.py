@@ -1,5 +1,6 @@
 """Test-wide settings. XLA's CPU backend optimisation level 0 compiles the tiny test models
-3-5x faster; results agree with level 2 to ~1e-6, well inside every tolerance here."""
+3-5x faster; results agree with level 2 to ~1e-6, well inside every tolerance here. The suite
+runs in pytest-xdist worker processes (pyproject.toml's addopts)."""
 
 import gc
 import os
@@ -7,6 +8,10 @@ import os
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_backend_optimization_level=0").strip()
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  # Several test processes may share one GPU: none of them takes 75% of its memory up front.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402  (after XLA_FLAGS, which the backend reads once)
 import pytest  # noqa: E402
