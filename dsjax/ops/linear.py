@@ -21,6 +21,8 @@ import jax.numpy as jnp
 
 # Up to this many rows, an OutMajor projection computes the transposed product [F,M].
 FEW_ROWS = 64
+# dot_general dimension numbers: contract the last axis of two matrices, no batch axes.
+_LAST_AXES = (((1,), (1,)), ((), ()))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -90,7 +92,7 @@ def _project_out_major(x: jax.Array, w: OutMajor, contract: int) -> jax.Array:
   if rows.shape[0] <= FEW_ROWS:
     y = out_major_product(t, rows).T
   else:
-    y = jax.lax.dot_general(rows, t, (((1,), (1,)), ((), ())))
+    y = jax.lax.dot_general(rows, t, _LAST_AXES)
   return y.reshape(*lead, *out)
 
 
@@ -98,5 +100,4 @@ def out_major_product(t: jax.Array, rows: jax.Array) -> jax.Array:
   """t [F,K] . rows [M,K] -> [F,M] (the transposed product), the weight as the left operand:
   the faster order for few rows on CPU. The barrier keeps XLA from folding a transpose of the
   result back into the dot ([M,K] . [K,F]), which would undo that order."""
-  return jax.lax.optimization_barrier(
-      jax.lax.dot_general(t, rows, (((1,), (1,)), ((), ()))))
+  return jax.lax.optimization_barrier(jax.lax.dot_general(t, rows, _LAST_AXES))
