@@ -89,3 +89,11 @@ def value_and_grad(model, ids, moe_impl=None, scan=None):
 def assert_trees_close(a, b, atol):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=atol)
+
+
+def assert_close_at_scale(actual, expected, rel):
+  """Every |actual - expected| <= rel * max|expected|: float32 sums taken in another order
+  (another kernel, another CPU's vector width) differ by a few ulps of the largest terms
+  they add, so a small element can carry an error that is large relative to itself."""
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * np.abs(expected).max())

@@ -158,7 +158,7 @@ def _hf_tensors(model: Transformer, dtype) -> Iterator[tuple[str, np.ndarray]]:
       continue  # transformers' DeepseekV2 has no router correction bias
     layer, rest = (entry.index[0], entry.index[1:]) if entry.index else (None, ())
     array = host_slice(entry.path, layer)[rest]
-    out_dtype = np.float32 if entry.optional else dtype
+    out_dtype = np.float32 if entry.float32_in_file else dtype
     yield entry.hf_name, _from_dsjax(array, entry).astype(out_dtype)
   # DeepSeek stores copies of the shared embedding and output head in every MTP layer.
   embed = host_slice(("embed",), None)
@@ -174,7 +174,8 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, dtype=None,
   Args:
     model: a dsjax.Transformer.
     path: output directory (created; existing checkpoint files there are replaced).
-    dtype: storage dtype (default: the model's param_dtype).
+    dtype: storage dtype (default: the model's param_dtype); the router's weight and bias
+      are stored as float32 whatever it is.
   """
   cfg = model.config
   if hf_config.hf_model_type(cfg) == "deepseek_v2" and cfg.moe is not None:

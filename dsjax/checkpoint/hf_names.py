@@ -61,6 +61,9 @@ MTP_TABLE = (
 MTP_SHARED_COPIES = (("embed",), "embed_tokens.weight"), (("head",), "shared_head.head.weight")
 # Router biases may be absent from a checkpoint (DeepSeek-V2 has none): they then stay zero.
 OPTIONAL = ("mlp.gate.e_score_correction_bias",)
+# The router stays float32 in the file whatever the storage dtype: DeepSeek stores its bias so,
+# and transformers (_keep_in_fp32_modules_strict, since 5.24) holds both tensors in float32.
+FLOAT32_IN_FILE = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,10 @@ class Entry:
   hf_name: str
   layout: int
   optional: bool = False
+
+  @property
+  def float32_in_file(self) -> bool:
+    return self.hf_name.endswith(FLOAT32_IN_FILE)
 
 
 def _block_entries(prefix: str, path: tuple, index: tuple[int, ...], existing: set[tuple],

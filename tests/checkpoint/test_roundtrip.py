@@ -5,9 +5,11 @@ import json
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 import dsjax
+from dsjax.checkpoint.hf_names import FLOAT32_IN_FILE
 from tests import hf_fixtures as hf
 
 CASES = {
@@ -58,12 +60,21 @@ def test_bfloat16_save_loads_in_transformers(tmp_path):
   hf_config = json.loads((tmp_path / "bf16" / "config.json").read_text())
   assert hf_config["dtype"] == "bfloat16"
 
+  stored = {}
+  for shard in (tmp_path / "bf16").glob("*.safetensors"):
+    stored |= safetensors.torch.load_file(shard)
+  ref = original.state_dict()
+  # The router (weight and correction bias) stays float32 in the file, exactly.
+  router = {name for name in stored if name.endswith(FLOAT32_IN_FILE)}
+  assert router and {stored[n].dtype for n in stored if n not in router} == {torch.bfloat16}
+  for name in router:
+    torch.testing.assert_close(stored[name], ref[name], rtol=0, atol=0, msg=name)
   reloaded = hf.load_torch_model(tmp_path / "bf16", dtype=torch.bfloat16)
-  state, ref = reloaded.state_dict(), original.state_dict()
+  state = reloaded.state_dict()
   for name, tensor in ref.items():
-    # Router correction biases stay float32 in the file (DeepSeek stores them so).
-    expected = tensor if name.endswith("e_score_correction_bias") else tensor.to(torch.bfloat16)
-    torch.testing.assert_close(state[name].float(), expected.float(), rtol=0, atol=0, msg=name)
+    # transformers >= 5.24 holds the router in float32, earlier ones in bf16.
+    dtype = state[name].dtype if name.endswith(FLOAT32_IN_FILE) else torch.bfloat16
+    torch.testing.assert_close(state[name], tensor.to(dtype), rtol=0, atol=0, msg=name)
 
   # Exactly the logits of transformers loading the original fp32 checkpoint as bf16 ...
   ids = hf.random_ids(original.config.vocab_size)
