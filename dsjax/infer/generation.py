@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from dsjax.infer.cache import cache_nbytes, pad_slots
-from dsjax.infer.sampling import SamplingParams, sample_next
+from dsjax.infer.sampling import SamplingParams, greedy_tokens, sample_next
 from dsjax.infer.weight_layout import (AUTO_MIN_ELEMENTS, out_major_projections,
                                        resolve_projection_layout)
 from dsjax.model.stack import per_layer, unstack_layers
@@ -129,7 +129,7 @@ def _prefill(graphdef, state, ids, lengths, key, *, slots: int, sampling: Sampli
   next_ids = jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1).at[rows, lengths - 1].set(first)
   positions = model.default_positions(ids) + 1
   mtp_hidden, mtp_latent = model.mtp_prefill(next_ids, out.hidden, positions, moe_impl)
-  drafted = jnp.argmax(_last_logits(model, mtp_hidden, lengths), axis=-1).astype(jnp.int32)
+  drafted = greedy_tokens(_last_logits(model, mtp_hidden, lengths))
   return first, drafted, cache._replace(mtp=pad_slots(mtp_latent, slots, offset=1))
 
 
@@ -160,11 +160,11 @@ def _speculative_step(graphdef, state, cache, pending, draft, positions, limits,
   ids = jnp.stack([pending, draft], axis=1)
   pos = positions[:, None] + jnp.arange(2, dtype=positions.dtype)
   logits, hidden, cache = model.decode(ids, pos, cache, attn_impl, moe_impl)
-  predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  predicted = greedy_tokens(logits)
   accepted = draft == predicted[:, 0]
   mtp_logits, mtp_cache = model.mtp_decode(predicted, hidden, pos + 1, cache.mtp, attn_impl,
                                            moe_impl)
-  drafted = jnp.argmax(mtp_logits, axis=-1).astype(jnp.int32)
+  drafted = greedy_tokens(mtp_logits)
   gained = 1 + accepted.astype(jnp.int32)
   pick = lambda a: jnp.where(accepted, a[:, 1], a[:, 0])
   return (predicted, gained, pick(predicted), pick(drafted),

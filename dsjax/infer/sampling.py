@@ -53,11 +53,23 @@ def _top_p_filter(logits: jax.Array, p: float) -> jax.Array:
   return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+  """int32[...] index of the largest logit along the last axis: jnp.argmax's answer (the
+  first of tied maxima; the first NaN, if any), as two plain reductions (the maximum, then the
+  first index holding it). XLA:CPU runs argmax's (value, index) reduction element by element;
+  these two are vectorised (the [8,32000] argmax of benchmarks/decode.py's decode step took
+  0.58 ms as one and 0.34 ms as two on the project's 2-core CPU)."""
+  peak = jnp.max(logits, axis=-1, keepdims=True)
+  hit = (logits == peak) | jnp.isnan(logits)  # a NaN makes the maximum NaN, as in argmax
+  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def sample_next(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
   """int32[B] next tokens from logits [B,V] (computed in float32)."""
   logits = logits.astype(jnp.float32)
   if params.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return greedy_tokens(logits)
   logits = logits / params.temperature
   if params.top_k is not None:
     logits = _top_k_filter(logits, params.top_k)

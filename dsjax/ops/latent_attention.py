@@ -45,14 +45,19 @@ def _up_projections(wkv_b: jax.Array | OutMajor, nope_dim: int):
 
 
 def _logits(q_nope, q_pe, segment: KeySegment, w_uk, w_axes: str, absorb: bool) -> jax.Array:
+  """[B,T,N,S]. Absorbed, the products take the cache as their left operand, keys as rows
+  ([S,C] . [C,T*N] per batch row), and the small result is transposed after: with the cache
+  as the right operand, contracted along its rows, XLA:CPU's products took 0.5 instead of 0.35
+  ms per layer and benchmarks/decode.py's decode step 8% longer (docs/benchmarks.md)."""
   f32 = jnp.float32
-  rope = jnp.einsum("BTNR,BSR->BTNS", q_pe, segment.k_pe, preferred_element_type=f32)
   if absorb:
     q_latent = jnp.einsum(f"BTNH,{w_axes}->BTNC", q_nope, w_uk)
-    nope = jnp.einsum("BTNC,BSC->BTNS", q_latent, segment.c_kv, preferred_element_type=f32)
-  else:
-    k_nope = jnp.einsum(f"BSC,{w_axes}->BSNH", segment.c_kv, w_uk)
-    nope = jnp.einsum("BTNH,BSNH->BTNS", q_nope, k_nope, preferred_element_type=f32)
+    nope = jnp.einsum("BSC,BTNC->BSTN", segment.c_kv, q_latent, preferred_element_type=f32)
+    rope = jnp.einsum("BSR,BTNR->BSTN", segment.k_pe, q_pe, preferred_element_type=f32)
+    return jnp.transpose(nope + rope, (0, 2, 3, 1))
+  rope = jnp.einsum("BTNR,BSR->BTNS", q_pe, segment.k_pe, preferred_element_type=f32)
+  k_nope = jnp.einsum(f"BSC,{w_axes}->BSNH", segment.c_kv, w_uk)
+  nope = jnp.einsum("BTNH,BSNH->BTNS", q_nope, k_nope, preferred_element_type=f32)
   return nope + rope
 
 
@@ -78,7 +83,6 @@ def latent_attention(q_nope: jax.Array, q_pe: jax.Array, segments: Sequence[KeyS
   absorb = impl == "absorb"
   w_uk, w_uv, w_axes = _up_projections(wkv_b, q_nope.shape[-1])
   logits = [_logits(q_nope, q_pe, s, w_uk, w_axes, absorb) * scale for s in segments]
-  # Logits are laid out [B,T,N,S], (T,N) being the rows of one matmul per batch row.
   masks = [jnp.broadcast_to(jnp.swapaxes(s.mask, 1, 2), l.shape)
            for s, l in zip(segments, logits)]
   logits = jnp.concatenate(logits, axis=-1)

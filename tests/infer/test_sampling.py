@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dsjax.infer import SamplingParams, sample_next
+from dsjax.infer.sampling import greedy_tokens
 
 VOCAB, DRAWS = 12, 40_000
 
@@ -56,6 +57,24 @@ def test_greedy_is_argmax_per_row():
   logits = jax.random.normal(jax.random.key(0), (5, VOCAB))
   np.testing.assert_array_equal(sample_next(logits, jax.random.key(1), SamplingParams()),
                                 np.argmax(np.asarray(logits), -1))
+
+
+def test_greedy_tokens_are_argmax_with_ties_infinities_and_nans():
+  """The first of tied maxima, as np.argmax; a row with NaNs gives its first NaN (numpy and
+  jnp.argmax treat NaN as the largest value); +-inf are ordinary values."""
+  rng = np.random.default_rng(3)
+  logits = rng.integers(-3, 4, (64, 37)).astype(np.float32)  # few values: many ties
+  logits[5, [2, 30]] = np.inf
+  logits[6, :] = -np.inf
+  logits[7, [4, 9]] = np.nan
+  logits[8, [0, 36]] = np.nan
+  logits[9, 36] = np.inf
+  want = np.argmax(logits, axis=-1)
+  assert want[7] == 4 and want[8] == 0 and want[5] == 2
+  got = jax.jit(greedy_tokens)(logits)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(greedy_tokens(logits[None]), want[None])  # leading axes
 
 
 @pytest.mark.parametrize("kwargs,message", [
