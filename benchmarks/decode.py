@@ -18,8 +18,9 @@ Each side is its own worker process (this script with `--only`), so that memory 
      transformers: a logits processor stamps its first call, i.e. after the prompt's forward
      pass); decode = total - prefill, covering the batch * (new - 1) tokens after the first.
      The table shows the fastest prefill and the fastest decode of the repeats, and the
-     median time between consecutive tokens within the calls (dsjax: `on_tokens` stamps,
-     which trail the device by one step; transformers: the logits-processor stamps).
+     median time per token within the calls (dsjax: `on_tokens` stamps, one per block of
+     decode_chunk tokens, trailing the device by one block, the time between two stamps
+     divided by the block's tokens; transformers: the logits-processor stamps, one a token).
 Memory: "peak RSS, 1st call" = ru_maxrss - baseline (the worker's peak since loading, so
 dsjax's XLA compilation is in it); "peak RSS, warm call" = VmHWM during a timed call (reset
 through /proc/self/clear_refs just before it) - RSS just before it: what one more generate
@@ -70,6 +71,8 @@ def parse_args():
                            "per-layer layout; in_major: absorb with input-major projection "
                            "weights; stacked: absorb with the stacked layout)")
   parser.add_argument("--moe-impl", default=None, help="dsjax MoE dispatch (default: config's)")
+  parser.add_argument("--decode-chunk", type=int, default=None,
+                      help="dsjax decode steps per compiled call (default: the Generator's)")
   parser.add_argument("--only", choices=("dsjax", "torch"), default=None,
                       help="internal: be one side's worker, commanded through stdin")
   parser.add_argument("--attn-impl", default="absorb", help="internal, with --only dsjax")
@@ -112,8 +115,9 @@ def dsjax_side(args):
   from dsjax.model.moe import resolve_impl
 
   model = dsjax.load_hf_checkpoint(args.checkpoint)
+  chunk = {} if args.decode_chunk is None else {"decode_chunk": args.decode_chunk}
   generator = Generator(model, attn_impl=args.attn_impl, moe_impl=args.moe_impl,
-                        layout=args.layout, projection_layout=args.projection_layout)
+                        layout=args.layout, projection_layout=args.projection_layout, **chunk)
   impl = args.moe_impl or model.config.moe.impl
   moe = (f"{resolve_impl(impl, model.config.moe, args.batch * args.prompt)} in prefill, "
          f"{resolve_impl(impl, model.config.moe, args.batch)} in decode")
@@ -121,8 +125,8 @@ def dsjax_side(args):
   ids = prompts(args).tolist()
 
   def generate():
-    stamps = []
-    stamp = lambda row, _: stamps.append(time.perf_counter()) if row == 0 else None
+    stamps = []  # (time, tokens streamed then): dsjax streams blocks of decode_chunk tokens
+    stamp = lambda row, new: stamps.append((time.perf_counter(), len(new))) if row == 0 else None
     result = generator.generate(ids, max_new_tokens=args.new, temperature=0.0, eos_id=None,
                                 on_tokens=stamp)
     # compile_seconds (where the library reports it) should be 0 after the warm-up.
@@ -131,7 +135,7 @@ def dsjax_side(args):
 
   projections = resolve_projection_layout(args.projection_layout, args.layout)
   return (generate, f"dsjax (jit, attn={args.attn_impl}, {args.layout} layout, {projections} "
-          f"projections, moe={moe})",
+          f"projections, moe={moe}, {generator.decode_chunk} decode steps per call)",
           f"jax {jax.__version__} ({jax.default_backend()})")
 
 
@@ -163,12 +167,21 @@ def torch_side(args):
     cache = out.past_key_values
     cache_bytes = sum(t.numel() * t.element_size()
                       for layer in cache.layers for t in (layer.keys, layer.values))
-    return (out.sequences[:, ids.shape[1]:].tolist(), stamps.times[0] - start, stamps.times,
+    return (out.sequences[:, ids.shape[1]:].tolist(), stamps.times[0] - start,
+            [(t, 1) for t in stamps.times],
             cache_bytes, {"cache_tokens": cache.get_seq_length()})
 
   label = (f"transformers (eager, attn={model.config._attn_implementation}, "
            f"experts={model.config._experts_implementation}, {torch.get_num_threads()} threads)")
   return generate, label, f"torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+def median_token_ms(stamps: list[tuple[float, int]]) -> float | None:
+  """Median over the stamps after the first of (time since the previous stamp) / (tokens
+  streamed at this one)."""
+  if len(stamps) < 3:
+    return None
+  return 1e3 * statistics.median((t - prev) / n for (prev, _), (t, n) in zip(stamps, stamps[1:]))
 
 
 def worker(args) -> None:
@@ -183,7 +196,7 @@ def worker(args) -> None:
     tokens, prefill_s, stamps, cache_bytes, extras = generate()
     total = time.perf_counter() - start
     out = {"total_s": total, "prefill_s": prefill_s, "cache_bytes": cache_bytes,
-           "step_ms": 1e3 * statistics.median(np.diff(stamps)) if len(stamps) > 2 else None,
+           "step_ms": median_token_ms(stamps),
            "peak_mib": _status_mib("VmHWM") - before,
            "lifetime_peak_mib": lifetime_peak_mib() - baseline,
            "held_mib": _status_mib("VmRSS") - baseline, **extras}
@@ -230,6 +243,8 @@ class Worker:
       command += [f"--{name}", str(getattr(args, name))]
     if args.moe_impl:
       command += ["--moe-impl", args.moe_impl]
+    if args.decode_chunk is not None:
+      command += ["--decode-chunk", str(args.decode_chunk)]
     # The worker imports the dsjax of this checkout (the repository root holds benchmarks/).
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(

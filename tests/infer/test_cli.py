@@ -113,6 +113,7 @@ def _bad_cases(tmp: Path, hf: Path) -> dict[str, tuple[list[str], str]]:
                             "exactly one"),
       "no prompt flag": ([f"--checkpoint={hf}"], "exactly one"),
       "bad JSON line": ([f"--checkpoint={hf}", f"--prompts_file={tmp / 'bad.jsonl'}"], "line 3"),
+      "decode chunk": ([f"--checkpoint={hf}", *ok, "--decode_chunk=0"], "decode_chunk=0"),
   }
 
 
@@ -128,7 +129,7 @@ def bad_runs(hf_checkpoint, tmp_path_factory):
 
 CASES = ["missing checkpoint", "not a checkpoint", "prompt too long", "empty prompt",
          "temperature", "top_p", "top_k", "speculative sampling", "both prompt flags",
-         "no prompt flag", "bad JSON line"]
+         "no prompt flag", "bad JSON line", "decode chunk"]
 
 
 @pytest.mark.parametrize("case", CASES)

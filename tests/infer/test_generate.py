@@ -76,6 +76,33 @@ def test_sampling_is_seeded(checkpoint):
   assert a == b and a != c
 
 
+def test_decode_chunk_changes_neither_tokens_nor_stream(checkpoint):
+  """1, 3 or 8 decode steps per compiled call: the same greedy tokens with an eos that ends a
+  row inside a block, the same seeded samples, and on_tokens streams each row's tokens in
+  order (10 decode steps: blocks of 3+3+3+1 and 8+2)."""
+  _, model = checkpoint
+  prompts = _prompts(model.config.vocab_size)
+  free = Generator(model, decode_chunk=1).generate(prompts, max_new_tokens=11).tokens
+  for settings in (dict(eos_id=free[1][5]), dict(temperature=1.0, top_k=40, seed=3)):
+    results = []
+    for chunk in (1, 3, 8):
+      streamed = [[] for _ in prompts]
+      out = Generator(model, decode_chunk=chunk).generate(
+          prompts, max_new_tokens=11, on_tokens=lambda row, ids: streamed[row].extend(ids),
+          **settings)
+      assert streamed == out.tokens, chunk
+      results.append(out.tokens)
+    assert results[0] == results[1] == results[2], settings
+  assert len(results[0][1]) == 11 and len(free[1]) == 11
+
+
+@pytest.mark.parametrize("chunk", [0, 2.5, True])
+def test_bad_decode_chunk_says_what_to_change(checkpoint, chunk):
+  _, model = checkpoint
+  with pytest.raises(ValueError, match=f"decode_chunk={chunk!r} must be an integer >= 1"):
+    Generator(model, decode_chunk=chunk)
+
+
 @pytest.mark.parametrize("request_args,message", [
     (dict(prompts=[[1, 2], []]), "Prompt 1 is empty"),
     (dict(prompts=[]), "non-empty list"),
