@@ -147,20 +147,29 @@ def _decode_step(graphdef, state, cache, tokens, positions, key, step, *,
   return sample_next(logits[:, 0], jax.random.fold_in(key, step), sampling), cache
 
 
-def _decode_steps(graphdef, state, cache, tokens, positions, key, first_step, count, *,
-                  steps: int, sampling: SamplingParams, attn_impl: str, moe_impl: str | None):
-  """`count` (traced, 1..steps) decode steps in one call, a loop on the device: from tokens
-  [B] at positions [B], step i samples with fold_in(key, first_step + i). Returns (the new
-  tokens [steps,B], rows from `count` on zero; the last of them [B]; the updated cache)."""
-  def one_step(i, carry):
-    cache, tokens, block = carry
+def _decode_steps(graphdef, state, cache, tokens, positions, key, first_step, count, done,
+                  eos_id, *, steps: int, sampling: SamplingParams, attn_impl: str,
+                  moe_impl: str | None):
+  """Up to `count` (traced, <= steps) decode steps in one call, a loop on the device that stops
+  early once every row is done. From tokens [B] at positions [B]; step i samples with
+  fold_in(key, first_step + i); done [B] marks rows that have ended (eos, or batch padding),
+  and a row ends when it samples eos_id (int32, -1 for none).
+  Returns (new tokens [steps,B] (rows from `ran` on zero), ran (steps taken), the last tokens
+  [B], done [B], the updated cache)."""
+  def more(carry):
+    i, done = carry[0], carry[-1]
+    return (i < count) & ~jnp.all(done)
+
+  def one_step(carry):
+    i, cache, tokens, block, done = carry
     tokens, cache = _decode_step(graphdef, state, cache, tokens, positions + i, key,
                                  first_step + i, sampling=sampling, attn_impl=attn_impl,
                                  moe_impl=moe_impl)
-    return cache, tokens, block.at[i].set(tokens)
+    return i + 1, cache, tokens, block.at[i].set(tokens), done | (tokens == eos_id)
   block = jnp.zeros((steps, tokens.shape[0]), jnp.int32)
-  cache, tokens, block = jax.lax.fori_loop(0, count, one_step, (cache, tokens, block))
-  return block, tokens, cache
+  ran, cache, tokens, block, done = jax.lax.while_loop(
+      more, one_step, (jnp.int32(0), cache, tokens, block, done))
+  return block, ran, tokens, done, cache
 
 
 def _speculative_step(graphdef, state, cache, pending, draft, positions, limits, *,
@@ -275,9 +284,9 @@ class Generator:
   "in_major": how the per-layer copy holds its projection weights (see
   dsjax.infer.weight_layout). The stacked layout uses the model's weights, in_major.
   decode_chunk: decode steps per compiled call (a loop on the device, which saves the host's
-  dispatch of every step); `on_tokens` then receives each row's tokens in blocks of up to this
-  many, and a batch whose rows have all ended runs to the end of its block. 1: one call and one
-  streamed token per step. Speculative decoding calls once per step whatever this is."""
+  dispatch of every step, and stops early once every row has ended); `on_tokens` then receives
+  each row's tokens in blocks of up to this many. 1: one call and one streamed token per step.
+  Speculative decoding calls once per step whatever this is."""
 
   def __init__(self, model: Transformer, *, attn_impl: str = "absorb",
                moe_impl: str | None = None, layout: str = "per_layer",
@@ -379,34 +388,42 @@ class Generator:
       stats = self._speculative_loop(clock, cache, first, draft, lengths, max_new_tokens,
                                      outputs)
     else:
-      stats = self._decode_loop(clock, cache, first, lengths, key, sampling, outputs)
+      done = np.arange(len(lengths)) >= rows  # batch padding rows
+      done[:rows] = outputs.done
+      stats = self._decode_loop(clock, cache, first, lengths, key, sampling, outputs, done,
+                                eos_id)
     decode_seconds = time.perf_counter() - start - (clock.seconds - compiled)
     return GenerationResult(outputs.tokens, int(lengths[:rows].sum()), prefill_seconds,
                             decode_seconds, cache_bytes, clock.seconds, **stats)
 
   def _decode_loop(self, clock: _CompileClock, cache, tokens, lengths, key, sampling,
-                   outputs: _Outputs) -> dict:
-    pending = None  # the previous call's tokens, read after the next call is dispatched
-    step = 0
+                   outputs: _Outputs, done: np.ndarray, eos_id: int | None) -> dict:
+    """Calls of up to decode_chunk steps until every row is done; each call is dispatched
+    before the previous one's tokens are read (a call after every row ended takes no step)."""
+    eos = np.int32(-1 if eos_id is None else eos_id)
+    pending = None  # the previous call's (tokens, steps taken)
+    step = taken = 0
     while not outputs.all_done and step < outputs.max_new_tokens - 1:
       count = min(self.decode_chunk, outputs.max_new_tokens - 1 - step)
-      block, tokens, cache = clock.call(
+      block, ran, tokens, done, cache = clock.call(
           self.steps.decode, self.state, cache, tokens, lengths + step, key, np.int32(step + 1),
-          np.int32(count), steps=self.decode_chunk, sampling=sampling,
+          np.int32(count), done, eos, steps=self.decode_chunk, sampling=sampling,
           attn_impl=self.attn_impl, moe_impl=self.moe_impl)
       step += count
       if pending is not None:
-        self._add_block(outputs, *pending)
-      pending = block, count
+        taken += self._add_block(outputs, *pending)
+      pending = block, ran
     if pending is not None:
-      self._add_block(outputs, *pending)
-    return {"main_model_calls": step + 1}
+      taken += self._add_block(outputs, *pending)
+    return {"main_model_calls": taken + 1}
 
   @classmethod
-  def _add_block(cls, outputs: _Outputs, block, count: int) -> None:
-    """The first `count` rows of a decode call's tokens [steps,B], each row's in order."""
-    block = np.asarray(block)[:count]
+  def _add_block(cls, outputs: _Outputs, block, ran) -> int:
+    """Adds the `ran` steps' tokens of a decode call's block [steps,B]; returns `ran`."""
+    ran = int(ran)
+    block = np.asarray(block)[:ran]
     cls._add_rows(outputs, lambda row: block[:, row].tolist())
+    return ran
 
   def _speculative_loop(self, clock: _CompileClock, cache, pending, draft, lengths,
                         max_new_tokens, outputs: _Outputs) -> dict:

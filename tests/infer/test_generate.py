@@ -96,6 +96,19 @@ def test_decode_chunk_changes_neither_tokens_nor_stream(checkpoint):
   assert len(results[0][1]) == 11 and len(free[1]) == 11
 
 
+def test_decoding_stops_at_eos_inside_a_block(checkpoint):
+  """A row that samples eos ends the device loop there: the main model runs once per token
+  produced (prefill included), not to the end of the 16-step block."""
+  _, model = checkpoint
+  prompt = _prompts(model.config.vocab_size)[:1]
+  generator = Generator(model, decode_chunk=16)
+  free = generator.generate(prompt, max_new_tokens=30).tokens[0]
+  eos = free[3]
+  stopped = generator.generate(prompt, max_new_tokens=30, eos_id=eos)
+  assert stopped.tokens[0] == free[:free.index(eos) + 1]
+  assert stopped.main_model_calls == len(stopped.tokens[0]) < 16
+
+
 @pytest.mark.parametrize("chunk", [0, 2.5, True])
 def test_bad_decode_chunk_says_what_to_change(checkpoint, chunk):
   _, model = checkpoint
