@@ -44,9 +44,9 @@ OnTokens = Callable[[int, list[int]], None]
 
 LAYOUTS = ("per_layer", "stacked")
 GENERATOR_OPTIONS = ("attn_impl", "moe_impl", "layout", "projection_layout", "decode_chunk")
-# Decode steps per compiled call (a loop on the device): 16.3 instead of 17.5 ms per step for
-# benchmarks/decode.py's model on the project's 2-core CPU, where the host's dispatch of each
-# step otherwise takes 0.7 ms of a core; tokens stream in blocks of this many.
+# Decode steps per compiled call (a loop on the device); tokens stream in blocks of this many.
+# On the project's 2-core CPU the host's dispatch of a step took 0.7 ms of a core, and
+# benchmarks/decode.py's step ran in 0.97 of the time of one step per call (docs/benchmarks.md).
 DECODE_CHUNK = 8
 
 
