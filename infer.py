@@ -30,8 +30,9 @@ flags.DEFINE_enum("attn_impl", "absorb", ["absorb", "naive"], "Decode attention 
 flags.DEFINE_enum("layout", "per_layer", ["per_layer", "stacked"],
                   "Weights and cache per layer (fastest decoding) or stacked [L,...] with the "
                   "layers scanned (faster compilation for very deep models, no weight copy).")
-flags.DEFINE_integer("decode_chunk", 8, "Decode steps per compiled call (tokens stream in "
-                     "blocks of this many); 1 streams each token as it is produced.")
+flags.DEFINE_integer("decode_chunk", None, "Decode steps per compiled call (tokens stream in "
+                     "blocks of this many; default: dsjax.infer.generation.DECODE_CHUNK); 1 "
+                     "streams each token as it is produced.")
 flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
                   "Dtype of a HuggingFace checkpoint's weights and compute (auto: its "
                   "config.json torch_dtype).")
@@ -74,8 +75,8 @@ def run() -> None:
   ids = [cli_io.encode_prompt(tokenizer, p, template) for p in prompts]
   stream = cli_io.TextStream(tokenizer, eos_id) if FLAGS.prompt is not None else None
   on_tokens = (lambda row, new: stream.add(new)) if stream is not None else None
-  generator = Generator(model, attn_impl=FLAGS.attn_impl, layout=FLAGS.layout,
-                        decode_chunk=FLAGS.decode_chunk)
+  chunk = {} if FLAGS.decode_chunk is None else {"decode_chunk": FLAGS.decode_chunk}
+  generator = Generator(model, attn_impl=FLAGS.attn_impl, layout=FLAGS.layout, **chunk)
   del model  # the per-layer layout holds its own copy of the layer weights
   result = generator.generate(
       ids, FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.seed,

@@ -388,19 +388,18 @@ class Generator:
       stats = self._speculative_loop(clock, cache, first, draft, lengths, max_new_tokens,
                                      outputs)
     else:
-      done = np.arange(len(lengths)) >= rows  # batch padding rows
-      done[:rows] = outputs.done
-      stats = self._decode_loop(clock, cache, first, lengths, key, sampling, outputs, done,
-                                eos_id)
+      stats = self._decode_loop(clock, cache, first, lengths, key, sampling, outputs)
     decode_seconds = time.perf_counter() - start - (clock.seconds - compiled)
     return GenerationResult(outputs.tokens, int(lengths[:rows].sum()), prefill_seconds,
                             decode_seconds, cache_bytes, clock.seconds, **stats)
 
   def _decode_loop(self, clock: _CompileClock, cache, tokens, lengths, key, sampling,
-                   outputs: _Outputs, done: np.ndarray, eos_id: int | None) -> dict:
+                   outputs: _Outputs) -> dict:
     """Calls of up to decode_chunk steps until every row is done; each call is dispatched
     before the previous one's tokens are read (a call after every row ended takes no step)."""
-    eos = np.int32(-1 if eos_id is None else eos_id)
+    done = np.arange(len(lengths)) >= len(outputs.tokens)  # batch padding rows have ended
+    done[:len(outputs.tokens)] = outputs.done
+    eos = np.int32(-1 if outputs.eos_id is None else outputs.eos_id)
     pending = None  # the previous call's (tokens, steps taken)
     step = taken = 0
     while not outputs.all_done and step < outputs.max_new_tokens - 1:
