@@ -13,6 +13,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
   # Several test processes may share one GPU: none of them takes 75% of its memory up front.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+# Deviceless TPU/GPU compilation (libtpu and the CUDA plugin come with the [test] extra): their
+# environment is read once, when they load; on a machine without accelerators JAX's own
+# devices stay the CPU's.
+from dsjax.compile import environment  # noqa: E402
+
+environment.prepare()
+
 import jax  # noqa: E402  (after XLA_FLAGS, which the backend reads once)
 import pytest  # noqa: E402
 
