@@ -24,6 +24,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "train": dict(
         steps=200, batch_size=8, seq_len=128, log_every=10, checkpoint_every=100,
         eval_every=100, eval_batches=4,
+        batch_per_shard=0,       # > 0: batch_size = this x the mesh's batch split x grad_accum
         grad_accum_steps=1,      # micro-batches per step; batch_size is the global batch
         keep_checkpoints=3,      # the last K checkpoints, plus the best by eval loss
         async_checkpoint=True,

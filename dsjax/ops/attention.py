@@ -1,7 +1,21 @@
-"""Softmax attention reference and mask construction (dimension legend in dsjax.model)."""
+"""Softmax attention: the dense reference, masks, and the training / prefill dispatcher over
+its implementations (dimension legend in dsjax.model; docs/attention.md).
+
+One math: key s is visible to query t iff k_positions[s] <= q_positions[t] and, with segment
+ids (sequence packing), q_segment_ids[t] == k_segment_ids[s] != 0; softmax(q.k * scale) v
+with float32 logits; a query with no visible key gives 0. `AttentionMask` describes that
+visibility in O(T + S) values; `.dense()` is the bool [B,1,T,S] the reference reads.
+"""
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+ATTENTION_IMPLS = ("auto", "dense", "blocked", "pallas", "cudnn")
+# "auto" on CPU: the dense path while T*S stays below this (the tiny test models; its [B,N,T,S]
+# float32 logits are 4 MiB per batch row and head at the threshold), blocked above.
+DENSE_MAX_LOGITS = 1 << 20
 
 
 def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
@@ -14,6 +28,26 @@ def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
     same = q_segment_ids[:, :, None] == k_segment_ids[:, None, :]
     mask = mask & same & (k_segment_ids[:, None, :] != 0)
   return mask[:, None, :, :]
+
+
+class AttentionMask(NamedTuple):
+  """Which keys each query sees, without the [B,1,T,S] array: q_positions int[B,T],
+  k_positions int[B,S], and for packed sequences q_segment_ids int[B,T], k_segment_ids
+  int[B,S] (0 = padding) or None."""
+  q_positions: jax.Array
+  k_positions: jax.Array
+  q_segment_ids: jax.Array | None = None
+  k_segment_ids: jax.Array | None = None
+
+  @classmethod
+  def self_attention(cls, positions: jax.Array, segment_ids: jax.Array | None = None
+                     ) -> "AttentionMask":
+    """Tokens attending to themselves: queries and keys share positions and segment ids."""
+    return cls(positions, positions, segment_ids, segment_ids)
+
+  def dense(self) -> jax.Array:
+    """bool[B,1,T,S], as attention_mask gives."""
+    return attention_mask(*self)
 
 
 def decode_masks(positions: jax.Array, cache_len: int, first_slot: int = 0
@@ -40,3 +74,46 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   probs = jax.nn.softmax(logits, axis=-1)
   probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
   return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+
+
+def target_platform() -> str:
+  """The platform a computation traced now compiles for: that of the default device when one
+  is set (dsjax.compile's TPU/GPU compile-only devices on a CPU host), else the default
+  backend's."""
+  device = jax.config.jax_default_device
+  platform = getattr(device, "platform", None) or jax.default_backend()
+  return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def resolve_impl(impl: str, q: jax.Array, k: jax.Array, v: jax.Array) -> str:
+  """'auto' -> 'pallas' on TPU; 'cudnn' on GPU where cuDNN's fused attention takes these
+  operands (dsjax.ops.flash_attention.cudnn_supported), else 'blocked'; on CPU 'dense' while
+  T*S < DENSE_MAX_LOGITS, else 'blocked'. Other names are returned unchanged."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention impl={impl!r}; use one of {ATTENTION_IMPLS}.")
+  if impl != "auto":
+    return impl
+  platform = target_platform()
+  if platform == "tpu":
+    return "pallas"
+  if platform == "gpu":
+    from dsjax.ops.flash_attention import cudnn_supported
+    return "cudnn" if cudnn_supported(q, k, v) else "blocked"
+  return "dense" if q.shape[1] * k.shape[1] < DENSE_MAX_LOGITS else "blocked"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, scale: float,
+              impl: str = "auto") -> jax.Array:
+  """softmax(q.k * scale) v over the keys `mask` shows each query, by implementation `impl`
+  (ATTENTION_IMPLS; docs/attention.md): q [B,T,N,Hq], k [B,S,N,Hq], v [B,S,N,Hv] ->
+  [B,T,N,Hv] in v's dtype. All implementations compute the same function (tested equal)."""
+  impl = resolve_impl(impl, q, k, v)
+  if impl == "dense":
+    return dot_product_attention(q, k, v, mask.dense(), scale)
+  from dsjax.ops import flash_attention  # the kernels load only when used
+  if impl == "blocked":
+    return flash_attention.blocked_attention(q, k, v, mask, scale)
+  if impl == "cudnn":
+    return flash_attention.cudnn_attention(q, k, v, mask, scale)
+  return flash_attention.pallas_attention(q, k, v, mask, scale,
+                                          interpret=target_platform() == "cpu")

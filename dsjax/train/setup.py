@@ -58,6 +58,18 @@ def _check_train_section(train: ml_collections.ConfigDict, model_cfg: ModelConfi
                      f"train.grad_accum_steps={train.grad_accum_steps}; change either.")
 
 
+def resolve_batch_size(train: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """With train.batch_per_shard > 0, sets train.batch_size to it times the batch's split over
+  the mesh (data x fsdp x expert) times grad_accum_steps, so one config scales with the
+  device count."""
+  per_shard = int(train.get("batch_per_shard", 0))
+  if per_shard < 0:
+    raise ValueError(f"train.batch_per_shard={per_shard}; use 0 (train.batch_size is the "
+                     "global batch) or the sequences per batch shard.")
+  if per_shard:
+    train.batch_size = per_shard * batch_parallelism(mesh) * int(train.grad_accum_steps)
+
+
 def _check_batch_fits_mesh(train, mesh: Mesh) -> None:
   ways = batch_parallelism(mesh) * train.grad_accum_steps
   if train.batch_size % ways:
@@ -92,20 +104,33 @@ def _compile_steps(run_parts: dict, settings: StepSettings):
   return jitted_train, jitted_eval
 
 
-def build_run(cfg: ml_collections.ConfigDict, devices=None) -> Run:
-  """Validates `cfg` and builds its Run on `devices` (default: all)."""
+@dataclasses.dataclass
+class Steps:
+  """The validated model, mesh, optimizer and jitted steps of an experiment: everything but
+  its data (what `python -m dsjax.compile` compiles for a topology)."""
+  model_cfg: ModelConfig
+  mesh: Mesh
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  graphdef: Any
+  abstract_state: TrainState       # ShapeDtypeStructs carrying their shardings
+  state_shardings: Any
+  batch_sharding: NamedSharding
+  train_step: Any                  # jitted (state, batch) -> (state, metrics)
+  eval_step: Any                   # jitted (state, batch) -> (loss_sum, weight, correct)
+
+
+def build_steps(cfg: ml_collections.ConfigDict, devices=None) -> Steps:
+  """Validates `cfg`'s model, train, optimizer and mesh sections and builds its jitted steps
+  on `devices` (default: all; compile-only devices work too). Sets cfg.train.batch_size when
+  cfg.train.batch_per_shard is given (resolve_batch_size)."""
   model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
   _check_train_section(cfg.train, model_cfg)
   mesh = make_mesh(cfg.mesh, devices)
+  resolve_batch_size(cfg.train, mesh)
   _check_batch_fits_mesh(cfg.train, mesh)
   schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-  tokenizer = make_tokenizer(cfg.data.tokenizer, model_vocab_size=model_cfg.vocab_size)
-  data = build_data(cfg.data, tokenizer, seq_len=cfg.train.seq_len,
-                    batch_size=cfg.train.batch_size // jax.process_count(), seed=cfg.seed,
-                    vocab_size=model_cfg.vocab_size, process_index=jax.process_index(),
-                    process_count=jax.process_count())
   settings = step_settings(cfg, model_cfg)
-
   _, abstract_params = abstract_train_state(model_cfg, optax.identity(), cfg.seed)
   optimizer = make_optimizer(cfg.optimizer, cfg.train.steps, abstract_params.params)
   graphdef, abstract = abstract_train_state(model_cfg, optimizer, cfg.seed)
@@ -115,5 +140,17 @@ def build_run(cfg: ml_collections.ConfigDict, devices=None) -> Run:
   parts = dict(graphdef=graphdef, optimizer=optimizer, schedule=schedule,
                state_shardings=shardings, batch_sharding=batch_sharding(mesh))
   jitted_train, jitted_eval = _compile_steps(parts, settings)
-  return Run(cfg=cfg, model_cfg=model_cfg, tokenizer=tokenizer, data=data, mesh=mesh,
-             abstract_state=abstract, train_step=jitted_train, eval_step=jitted_eval, **parts)
+  return Steps(model_cfg=model_cfg, mesh=mesh, abstract_state=abstract,
+               train_step=jitted_train, eval_step=jitted_eval, **parts)
+
+
+def build_run(cfg: ml_collections.ConfigDict, devices=None) -> Run:
+  """Validates `cfg` and builds its Run on `devices` (default: all)."""
+  steps = build_steps(cfg, devices)
+  tokenizer = make_tokenizer(cfg.data.tokenizer, model_vocab_size=steps.model_cfg.vocab_size)
+  data = build_data(cfg.data, tokenizer, seq_len=cfg.train.seq_len,
+                    batch_size=cfg.train.batch_size // jax.process_count(), seed=cfg.seed,
+                    vocab_size=steps.model_cfg.vocab_size, process_index=jax.process_index(),
+                    process_count=jax.process_count())
+  fields = {f.name: getattr(steps, f.name) for f in dataclasses.fields(steps)}
+  return Run(cfg=cfg, tokenizer=tokenizer, data=data, **fields)

@@ -63,7 +63,9 @@ def _gmm_kernel(group_ids_ref, tile_ids_ref, row_starts_ref, row_ends_ref, bound
 
   # Items that own no rows (a tile visited only to zero it, padding items) skip the K loop:
   # a zero trip count keeps a single scf.for, which Triton still software-pipelines.
-  num_steps = jnp.where(row_end > row_start, pl.cdiv(k, tk), 0)
+  # int32 operands: with Python ints, Pallas' Triton lowering gives the trip count a type
+  # other than i32 and Triton rejects the scf.for.
+  num_steps = jnp.where(row_end > row_start, jnp.int32(pl.cdiv(k, tk)), jnp.int32(0))
   acc = lax.fori_loop(0, num_steps, k_step, jnp.zeros((tm, tn), jnp.float32))
 
   # The first item of a tile also writes the tile's rows that no local group owns: its acc is

@@ -126,6 +126,7 @@ def selected_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indices: 
                   tiling or BlockSizes(), interpret, resolve_backend(backend, interpret))
   if opts.backend == "tpu":
     tpu_common.check_block_size(block_size, q.dtype)
+    tpu_common.check_list_chunk(opts.tiling.list_chunk, interpret)
   block_indices = block_indices.astype(jnp.int32)
   key_start = (jnp.zeros(q.shape[:2], jnp.int32) if key_start is None
                else key_start.astype(jnp.int32))

@@ -5,9 +5,9 @@ and walks, query by query, their S selected key blocks. The G query heads of the
 one [G, D] tile, so each selected K/V block is copied from HBM once per group.
 
 SMEM: the block indices are not scalar-prefetched (T*S int32 outgrow SMEM at long context).
-They arrive as an SMEM BlockSpec block holding only this step's tc*S entries, next to two
-holding its tc queries' first and last allowed keys (key_start, key_end), which the Pallas
-pipeline copies in step by step, so SMEM use does not grow with T.
+Each step's tc*S entries, with its tc queries' first and last allowed keys (key_start,
+key_end), arrive as one rank-1 SMEM BlockSpec block of a step table (tpu_common.step_table),
+which the Pallas pipeline copies in step by step, so SMEM use does not grow with T.
 
 K/V stay in HBM (memory_space ANY): a BlockSpec index map names one block per step, so the
 kernel copies the selected blocks itself, double buffered (the next selected block is in
@@ -85,17 +85,27 @@ def _block_copies(k_hbm, v_hbm, k_buf, v_buf, sems, block_size: int):
   return copies
 
 
-def _block_of(idx_ref, start_ref, end_ref, num_slots: int, block_size: int):
+def _key_range(table_ref, tc: int, num_slots: int):
+  """row r -> (first, last) allowed key of the step's query r, from its SMEM table
+  (tpu_common.step_table)."""
+  def key_range(r):
+    return table_ref[tc * num_slots + r], table_ref[tc * (num_slots + 1) + r]
+  return key_range
+
+
+def _block_of(table_ref, key_range, num_slots: int, block_size: int):
   """(row, slot) -> the selected block, or -1 where the entry adds nothing."""
   def block_of(r, s):
-    j = idx_ref[r * num_slots + s]
-    return jnp.where(selects_block(j, block_size, end_ref[r], start_ref[r]), j, -1)
+    j = table_ref[r * num_slots + s]
+    start, end = key_range(r)
+    return jnp.where(selects_block(j, block_size, end, start), j, -1)
   return block_of
 
 
-def _fwd_kernel(idx_ref, start_ref, end_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, v_buf,
-                sems, *, tc: int, num_slots: int, block_size: int, scale: float):
+def _fwd_kernel(table_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, v_buf, sems, *, tc: int,
+                num_slots: int, block_size: int, scale: float):
   g, dv = o_ref.shape[1], o_ref.shape[2]
+  key_range = _key_range(table_ref, tc, num_slots)
 
   def row_start(r):
     return q_ref[r], (jnp.full((g, 1), -jnp.inf, jnp.float32),
@@ -105,7 +115,7 @@ def _fwd_kernel(idx_ref, start_ref, end_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref
     m_prev, denom, acc = state
     scores = common.dot(q, k_buf[buffer], common.NT) * scale
     # The block has an allowed key (selects_block), so m_new is finite on every row.
-    allowed = common.allowed(scores.shape, j, block_size, start_ref[r], end_ref[r])
+    allowed = common.allowed(scores.shape, j, block_size, *key_range(r))
     scores = jnp.where(allowed, scores, -jnp.inf)
     m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
     alpha = jnp.exp(m_prev - m_new)
@@ -125,14 +135,15 @@ def _fwd_kernel(idx_ref, start_ref, end_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref
     return jnp.where(lanes == r, lse, lse_rows)
 
   lse_ref[...] = _stream_selected_blocks(
-      tc, num_slots, _block_of(idx_ref, start_ref, end_ref, num_slots, block_size),
+      tc, num_slots, _block_of(table_ref, key_range, num_slots, block_size),
       _block_copies(k_hbm, v_hbm, k_buf, v_buf, sems, block_size), row_start, visit, row_end,
       jnp.zeros(lse_ref.shape, jnp.float32))
 
 
-def _dq_kernel(idx_ref, start_ref, end_ref, q_ref, k_hbm, v_hbm, do_ref, stats_ref, dq_ref,
-               k_buf, v_buf, sems, *, tc: int, num_slots: int, block_size: int, scale: float):
+def _dq_kernel(table_ref, q_ref, k_hbm, v_hbm, do_ref, stats_ref, dq_ref, k_buf, v_buf, sems, *,
+               tc: int, num_slots: int, block_size: int, scale: float):
   g, d = dq_ref.shape[1], dq_ref.shape[2]
+  key_range = _key_range(table_ref, tc, num_slots)
 
   def row_start(r):
     stats = stats_ref[...]
@@ -141,7 +152,7 @@ def _dq_kernel(idx_ref, start_ref, end_ref, q_ref, k_hbm, v_hbm, do_ref, stats_r
 
   def visit(r, operands, j, buffer, acc):
     k = k_buf[buffer]
-    allowed = common.allowed((g, block_size), j, block_size, start_ref[r], end_ref[r])
+    allowed = common.allowed((g, block_size), j, block_size, *key_range(r))
     _, ds = common.probabilities_and_dscores(*operands, k, v_buf[buffer], allowed, scale)
     return acc + common.dot(ds.astype(k.dtype), k)
 
@@ -150,22 +161,22 @@ def _dq_kernel(idx_ref, start_ref, end_ref, q_ref, k_hbm, v_hbm, do_ref, stats_r
     return step
 
   _stream_selected_blocks(tc, num_slots,
-                          _block_of(idx_ref, start_ref, end_ref, num_slots, block_size),
+                          _block_of(table_ref, key_range, num_slots, block_size),
                           _block_copies(k_hbm, v_hbm, k_buf, v_buf, sems, block_size),
                           row_start, visit, row_end)
 
 
 def _call(kernel, inputs, in_specs, out_shape, out_specs, *, tc: int, num_slots: int,
           block_size: int, scale: float, interpret: bool, name: str):
-  """A forward / dq pallas_call over grid (B, H, Tp/tc). inputs = (indices [B,H,Tp*S],
-  key starts and ends [B,Tp], q [B,Tp,H,G,D], k/v blocks [B,H,NB*l',*], *more); in_specs:
-  the specs of `more`."""
-  _, _, _, q, k, v, *_ = inputs
+  """A forward / dq pallas_call over grid (B, H, Tp/tc). inputs = (step table
+  [B*H*(Tp/tc)*W] (tpu_common.step_table), q [B,Tp,H,G,D], k/v blocks [B,H,NB*l',*], *more);
+  in_specs: the specs of `more`."""
+  table, q, k, v, *_ = inputs
   b, tp, h, g, d = q.shape
-  per_query = pl.BlockSpec((None, tc), lambda bi, hi, ci: (bi, ci), memory_space=pltpu.SMEM)
-  in_specs = [pl.BlockSpec((None, None, tc * num_slots), lambda bi, hi, ci: (bi, hi, ci),
+  steps = tp // tc
+  width = table.shape[0] // (b * h * steps)
+  in_specs = [pl.BlockSpec((width,), lambda bi, hi, ci: ((bi * h + hi) * steps + ci,),
                            memory_space=pltpu.SMEM),
-              per_query, per_query,
               _rows(tc, g, d), pl.BlockSpec(memory_space=pl.ANY),
               pl.BlockSpec(memory_space=pl.ANY), *in_specs]
   return pl.pallas_call(
@@ -200,8 +211,7 @@ def forward_tpu(q, k, v, block_indices, key_range, block_size: int, scale: float
   h, dv = k.shape[2], v.shape[-1]
   g, tc = hq // h, common.query_chunk(t, tiling)
   tp = pl.cdiv(t, tc) * tc
-  inputs = (common.indices(block_indices, tp), *(common.per_query(x, tp) for x in key_range),
-            common.grouped(q, h, tp),
+  inputs = (common.step_table(block_indices, *key_range, tc, tp), common.grouped(q, h, tp),
             common.kv_blocks(k, block_size), common.kv_blocks(v, block_size))
   o, lse = _call(
       _fwd_kernel, inputs, [],
@@ -226,8 +236,8 @@ def backward_tpu(q, k, v, block_indices, key_range, lse, delta, do, lists, block
   k_blocks, v_blocks = common.kv_blocks(k, block_size), common.kv_blocks(v, block_size)
   (dq,) = _call(
       _dq_kernel,
-      (common.indices(block_indices, tp), *(common.per_query(x, tp) for x in key_range), qg,
-       k_blocks, v_blocks, dog, stats),
+      (common.step_table(block_indices, *key_range, tc, tp), qg, k_blocks, v_blocks, dog,
+       stats),
       [_rows(tc, g, do.shape[-1]), _lane_rows(g, 2 * tc)],
       [jax.ShapeDtypeStruct(qg.shape, q.dtype)], [_rows(tc, g, d)],
       tc=tc, num_slots=block_indices.shape[-1], block_size=block_size, scale=scale,

@@ -7,7 +7,8 @@ rule: the last two dims of a block are multiples of (8, 128) or the full dims):
                                [G, D] tile (queries zero-padded to Tp, whole grid steps);
   k, v, dk, dv  [B,H,NB*l',*]  kv head-major and zero-padded to whole blocks, so a key block
                                is one contiguous [l', D] slice;
-  key_start/end [B,Tp]         each query's first and last allowed keys (0 when padded);
+  step table    [B*H*(Tp/tc)*W] per grid step: its tc queries' S block indices and first
+                               and last allowed keys, one rank-1 SMEM block (step_table);
   lse, delta    [B,H,Tp/tc,G,tc] lane-dense rows of tc queries; `stats` puts lse and delta
                                side by side, [B,H,Tp/tc,G,2tc]. A kernel takes one query's
                                [G, 1] column with a masked lane reduction (`column`), which
@@ -70,6 +71,16 @@ def check_block_size(block_size: int, *dtypes):
                      f"{rows} (whole sublane tiles), or backend='gpu'.")
 
 
+def check_list_chunk(list_chunk: int, interpret: bool):
+  """The dk/dv kernel copies list windows that start at multiples of list_chunk, and Mosaic
+  copies a slice of a tiled HBM dim only at a multiple of its 128-lane tile. The interpreter
+  has no tiles, so tests may use short windows (many windows per list)."""
+  if not interpret and list_chunk % 128:
+    raise ValueError(f"selected_attention: BlockSizes.list_chunk={list_chunk} on TPU; use a "
+                     "multiple of 128 (Mosaic copies HBM slices at 128-lane offsets only), "
+                     "or interpret=True.")
+
+
 def query_chunk(seq_len: int, tiling) -> int:
   """tc, the queries per grid step: tiling.queries_per_step, or for a shorter sequence the
   power of two >= T (at least 8). A power of two, so a query's chunk and lane are a shift
@@ -96,18 +107,47 @@ def from_kv_blocks(x, seq_len: int):
   return jnp.transpose(x[:, :, :seq_len], (0, 2, 1, 3))
 
 
-def indices(block_indices, padded_len: int):
-  """[B,T,H,S] -> [B,H,Tp*S] (-1 padded): a grid step's tc*S indices are one SMEM block."""
+def smem_block_len(n: int) -> int:
+  """The shortest rank-1 SMEM block of at least n int32 that Pallas TPU accepts: a power of
+  two >= 128 (one lane row) or, past 1024, a multiple of 1024 (8 sublanes x 128 lanes)."""
+  if n <= 1024:
+    return max(128, 1 << max(n - 1, 0).bit_length())
+  return pl.cdiv(n, 1024) * 1024
+
+
+def step_table(block_indices, key_start, key_end, tc: int, padded_len: int):
+  """The forward / dq kernels' per-step SMEM table: block_indices int32 [B,T,H,S] and each
+  query's key_start / key_end int32 [B,T] -> int32 [B*H*(Tp/tc)*W], W = smem_block_len(
+  tc*(S+2)). Entry (b, h, step c) is the W-long row [tc*S indices (-1 for padded queries) |
+  tc key starts | tc key ends (0 for padded queries) | padding]; one flat rank-1 array,
+  because Pallas TPU takes a rank >= 2 SMEM block only if its last two dims are (8, 128)
+  multiples or whole dims, which a (b, h, c) block of a [B,H,...] array is not."""
   b, t, h, s = block_indices.shape
+  steps = padded_len // tc
   idx = jnp.transpose(block_indices.astype(jnp.int32), (0, 2, 1, 3))
   idx = jnp.pad(idx, ((0, 0), (0, 0), (0, padded_len - t), (0, 0)), constant_values=-1)
-  return idx.reshape(b, h, padded_len * s)
+  idx = idx.reshape(b, h, steps, tc * s)
+
+  def per_query(x):  # [B,T] -> [B,H,steps,tc], the same for every kv head
+    x = jnp.pad(x.astype(jnp.int32), ((0, 0), (0, padded_len - t)))
+    return jnp.broadcast_to(x.reshape(b, 1, steps, tc), (b, h, steps, tc))
+  width = smem_block_len(tc * (s + 2))
+  table = jnp.concatenate([idx, per_query(key_start), per_query(key_end)], axis=-1)
+  table = jnp.pad(table, ((0, 0), (0, 0), (0, 0), (0, width - tc * (s + 2))))
+  return table.reshape(-1)
 
 
-def per_query(x, padded_len: int):
-  """int32 [B,T] (a key start or end per query) -> [B,Tp] (0 for the padded queries, which
-  select nothing): a grid step's tc values are one SMEM block."""
-  return jnp.pad(x.astype(jnp.int32), ((0, 0), (0, padded_len - x.shape[1])))
+def block_bounds(starts):
+  """QueryLists.starts int32 [B,H,NB+1] -> the dk/dv kernel's SMEM blocks, int32
+  [B*H*ceil(NB/128)*256]: block (b, h, j // 128) is [starts[j] for its 128 key blocks j |
+  starts[j+1] for the same j], so that step j reads its list's bounds from one aligned
+  rank-1 block (Mosaic copies no unaligned slice of a tiled dim)."""
+  b, h, nb = starts.shape[0], starts.shape[1], starts.shape[2] - 1
+  chunks = pl.cdiv(nb, 128)
+  pad = ((0, 0), (0, 0), (0, chunks * 128 - nb))
+  first, last = (jnp.pad(x, pad).reshape(b, h, chunks, 1, 128)
+                 for x in (starts[:, :, :-1], starts[:, :, 1:]))
+  return jnp.concatenate([first, last], axis=3).reshape(-1)
 
 
 def row_stats(x, num_heads: int, tc: int):
