@@ -1,4 +1,5 @@
-"""Tunables of the selected-attention kernels. Untuned: no TPU or GPU was at hand."""
+"""Tunables of the selected-attention kernels. Untuned: no TPU or GPU was at hand; the defaults
+compile within VMEM on v5p, v6e and tpu7x at 64k tokens (docs/kernels.md)."""
 
 import dataclasses
 
@@ -10,7 +11,9 @@ class BlockSizes:
   whatever T is; more queries per step amortise the step overhead. A power of two >= 8; at
   128 and above the [G, queries] log-sum-exp rows are lane-dense.
   `list_chunk` (TPU): query positions of a key block's list copied to SMEM at a time by the
-  dk/dv kernel. A power of two.
+  dk/dv kernel, in windows that start at multiples of it. A power of two; compiled for a TPU
+  a multiple of 128 too, since Mosaic copies HBM slices only at 128-lane offsets (smaller
+  windows only in interpret mode).
   `num_warps` / `num_stages`: Triton's launch options (GPU).
   """
   queries_per_step: int = 128

@@ -1,6 +1,7 @@
 """pallas_kernels.gmm: the TPU (Mosaic) and GPU (Triton) kernels, run in Pallas' interpreter on
 CPU, equal gmm_reference and lax.ragged_dot, forward and both gradients; the work-item
-metadata keeps its invariants; both kernels lower for real TPU and CUDA backends."""
+metadata keeps its invariants. That both kernels compile for TPUs and H100s at DeepSeek-V3's
+shapes is tests/kernels/test_kernel_compile.py's part."""
 
 import jax
 import jax.numpy as jnp
@@ -127,24 +128,6 @@ def test_gmm_gradients_match_reference(backend, problem, dtype, transpose_rhs, o
                  argnums=(0, 1))(lhs, rhs)
   for g, w in zip(got, want):
     _close(g, w, dtype)
-
-
-@pytest.mark.parametrize("platform,backend", [("tpu", "tpu"), ("cuda", "gpu")])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernels_lower_for_hardware(platform, backend, dtype):
-  """The forward and backward (gmm with both rhs layouts, and tgmm) lower to the backend's
-  kernel call with the default tiles at a DeepSeek-like shape."""
-  lhs = jax.ShapeDtypeStruct((1000, 1024), dtype)
-  rhs = jax.ShapeDtypeStruct((8, 1024, 768), dtype)
-  sizes = jax.ShapeDtypeStruct((8,), jnp.int32)
-
-  def loss(a, b, s):
-    return jnp.sum(gmm(a, b, s, jnp.float32, backend=backend).astype(jnp.float32))
-  lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(lhs, rhs, sizes).lower(
-      lowering_platforms=(platform,))
-  text = lowered.as_text()
-  marker = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
-  assert text.count(marker) == 3, f"expected 3 kernel calls (gmm, gmm^T, tgmm) in {platform}"
 
 
 def test_bad_operands_name_the_problem():
