@@ -15,6 +15,7 @@ TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
 _TOPK_ALIASES = {"group_limited": "group_limited_greedy"}
 _DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "dense", "blocked", "ragged", "pallas")
+ATTENTION_IMPLS = ("auto", "dense", "blocked", "pallas", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
 
@@ -74,6 +75,15 @@ class MLAConfig:
     qk_nope_head_dim: per-head query/key dims without rotary embedding.
     qk_rope_head_dim: R, per-head rotary dims; the rotary key is one shared head.
     v_head_dim: per-head value dims.
+    attention_impl: how the training / prefill forward computes softmax attention (one
+      math, tested equal; docs/attention.md): "dense" (the [B,N,T,S] logits; the reference),
+      "blocked" (XLA flash attention: online softmax over key blocks, backward recomputed
+      from the log-sum-exp; memory O(T x block); any backend), "pallas" (the Mosaic TPU
+      kernel of pallas_kernels.attention; its interpreter on CPU, for tests only), "cudnn"
+      (cuDNN's fused attention; NVIDIA GPUs, bf16/fp16) or "auto" (pallas on TPU, cudnn on
+      GPU where it applies and blocked otherwise, on CPU dense for T*S below
+      dsjax.ops.attention.DENSE_MAX_LOGITS and blocked above). A runtime choice, not part
+      of the architecture: not in HF config.json. Decoding's latent attention is unaffected.
   """
 
   q_lora_rank: int | None = None
@@ -81,6 +91,7 @@ class MLAConfig:
   qk_nope_head_dim: int = 128
   qk_rope_head_dim: int = 64
   v_head_dim: int = 128
+  attention_impl: Literal["auto", "dense", "blocked", "pallas", "cudnn"] = "auto"
 
   def __post_init__(self):
     _check(self.q_lora_rank is None or self.q_lora_rank > 0,
@@ -90,6 +101,8 @@ class MLAConfig:
     _check(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
            f"mla.qk_rope_head_dim={self.qk_rope_head_dim} must be a positive even number "
            "(rotary dims come in pairs).")
+    _check(self.attention_impl in ATTENTION_IMPLS,
+           f"mla.attention_impl={self.attention_impl!r}; use one of {ATTENTION_IMPLS}.")
 
   @property
   def qk_head_dim(self) -> int:

@@ -13,7 +13,7 @@ from flax import nnx
 from dsjax.config import ModelConfig
 from dsjax.model.norm import RMSNorm
 from dsjax.model.param import normal_param
-from dsjax.ops.attention import dot_product_attention
+from dsjax.ops.attention import AttentionMask, attention
 from dsjax.ops.latent_attention import KeySegment, latent_attention
 from dsjax.ops.rope import apply_rope
 from dsjax.ops.linear import project
@@ -21,7 +21,8 @@ from dsjax.ops.slots import write_at_slots
 
 
 class MLA(nnx.Module):
-  """x [B,T,D] -> [B,T,D] with rotary cos/sin [B,T,R/2] and a bool mask [B,1,T,S]."""
+  """x [B,T,D] -> [B,T,D] with rotary cos/sin [B,T,R/2] and an AttentionMask (the training /
+  prefill path, by mla.attention_impl; decoding reads dense masks of its cache slots)."""
 
   # Projection weights: (batch axes, input axes), see dsjax.infer.weight_layout.
   PROJECTIONS = {"wq": (0, 1), "wq_a": (0, 1), "wq_b": (0, 1), "wkv_a": (0, 1), "wkv_b": (0, 1),
@@ -68,20 +69,22 @@ class MLA(nnx.Module):
     k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.interleave)[:, :, 0, :]
     return self.kv_norm(c_kv), k_pe
 
-  def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask) -> jax.Array:
-    """Naive MLA attention: expand keys/values from the latent, then softmax attention."""
+  def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask: AttentionMask) -> jax.Array:
+    """Naive MLA attention: expand keys/values from the latent, then softmax attention by
+    mla.attention_impl (q/k head dim qk_nope + qk_rope, v head dim v_head_dim)."""
     kv = project(c_kv, self._w("wkv_b"))
     k_nope, v = jnp.split(kv, [self.mla.qk_nope_head_dim], axis=-1)
     k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:-1] + k_pe.shape[-1:])
     q = jnp.concatenate([q_nope, q_pe], axis=-1)
     k = jnp.concatenate([k_nope, k_pe], axis=-1)
-    out = dot_product_attention(q, k, v, mask, self.scale)
+    out = attention(q, k, v, mask, self.scale, self.mla.attention_impl)
     return project(out, self._w("wo"), 2)
 
-  def __call__(self, x, cos, sin, mask) -> jax.Array:
+  def __call__(self, x, cos, sin, mask: AttentionMask) -> jax.Array:
     return self.prefill(x, cos, sin, mask)[0]
 
-  def prefill(self, x, cos, sin, mask) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  def prefill(self, x, cos, sin, mask: AttentionMask
+              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """The training forward pass that also returns what the cache stores: (out [B,T,D],
     (c_kv [B,T,C], k_pe [B,T,R]))."""
     q_nope, q_pe = self.project_queries(x, cos, sin)

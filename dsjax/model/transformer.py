@@ -11,7 +11,7 @@ from dsjax.model.mtp import MTPModule
 from dsjax.model.norm import RMSNorm
 from dsjax.model.param import normal_param
 from dsjax.model.stack import LatentCache, LayerStack, cache_slots, write_slots
-from dsjax.ops.attention import attention_mask, decode_masks
+from dsjax.ops.attention import AttentionMask, decode_masks
 from dsjax.ops.latent_attention import KeySegment
 from dsjax.ops.nsa import document_starts
 from dsjax.ops.nsa_decode import NSACache
@@ -65,13 +65,13 @@ class Transformer(nnx.Module):
     return project(hidden, head.astype(self.config.dtype))
 
   def _rope_and_mask(self, positions, segment_ids):
-    """cos, sin and what keeps attention inside a packed sequence: MLA's bool mask
-    [B,1,T,T]; NSA's document starts int[B,T] (None without segment_ids), its branches
-    being causal by construction."""
+    """cos, sin and what keeps attention inside a packed sequence: MLA's AttentionMask
+    (positions and segment ids; no [B,1,T,T] array); NSA's document starts int[B,T] (None
+    without segment_ids), its branches being causal by construction."""
     cos, sin = rope_cos_sin(positions, self.config.rope, self.config.rope_dim)
     if self.config.attention == "nsa":
       return cos, sin, None if segment_ids is None else document_starts(segment_ids)
-    return cos, sin, attention_mask(positions, positions, segment_ids, segment_ids)
+    return cos, sin, AttentionMask.self_attention(positions, segment_ids)
 
   @staticmethod
   def default_positions(input_ids: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ("auto", "dense", "blocked", "pallas", "cudnn")
+from dsjax.config import ATTENTION_IMPLS
 # "auto" on CPU: the dense path while T*S stays below this (the tiny test models; its [B,N,T,S]
 # float32 logits are 4 MiB per batch row and head at the threshold), blocked above.
 DENSE_MAX_LOGITS = 1 << 20
@@ -86,19 +86,21 @@ def target_platform() -> str:
 
 
 def resolve_impl(impl: str, q: jax.Array, k: jax.Array, v: jax.Array) -> str:
-  """'auto' -> 'pallas' on TPU; 'cudnn' on GPU where cuDNN's fused attention takes these
-  operands (dsjax.ops.flash_attention.cudnn_supported), else 'blocked'; on CPU 'dense' while
+  """'auto' -> on TPU 'pallas' where the kernel can be placed (a context mesh set by
+  jax.set_mesh, or a one-device TPU process: dsjax.ops.flash_attention.kernel_placeable),
+  else 'blocked'; on GPU 'cudnn' where cuDNN's fused attention takes these operands
+  (flash_attention.cudnn_supported), else 'blocked'; on CPU 'dense' while
   T*S < DENSE_MAX_LOGITS, else 'blocked'. Other names are returned unchanged."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention impl={impl!r}; use one of {ATTENTION_IMPLS}.")
   if impl != "auto":
     return impl
   platform = target_platform()
-  if platform == "tpu":
-    return "pallas"
-  if platform == "gpu":
-    from dsjax.ops.flash_attention import cudnn_supported
-    return "cudnn" if cudnn_supported(q, k, v) else "blocked"
+  if platform in ("tpu", "gpu"):
+    from dsjax.ops import flash_attention
+    if platform == "tpu":
+      return "pallas" if flash_attention.kernel_placeable() else "blocked"
+    return "cudnn" if flash_attention.cudnn_supported(q, k, v) else "blocked"
   return "dense" if q.shape[1] * k.shape[1] < DENSE_MAX_LOGITS else "blocked"
 
 

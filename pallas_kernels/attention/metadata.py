@@ -1,13 +1,16 @@
 """Which key blocks a query block can see, summarised per block so that fully hidden blocks
 are skipped (no compute, and on TPU no copy).
 
-The summary is conservative: block (i, j) counts as visible when the smallest key position
-of key block j is <= the largest query position of query block i and their segment-id ranges
-overlap (padding, segment id 0, excluded). Visible blocks of query block i then lie in
-[k_start, k_end); the kernels still mask every element exactly, so a visible-looking block
-that holds no visible pair costs time, never correctness. For causal masks (positions
-increasing along the sequence) and packed documents the ranges are tight: a query block
-sees the key blocks from its first document's start to the diagonal.
+The summary is conservative. Block (i, j) counts as visible when all three hold (padding,
+segment id 0, left out of every bound):
+  - the smallest key position of key block j is <= the largest query position of block i;
+  - the smallest (segment, position) pair of key block j is <= the largest pair of query
+    block i, in lexicographic order (a visible pair has equal segments and k_pos <= q_pos);
+  - their segment-id ranges overlap.
+Visible blocks of query block i then lie in [k_start, k_end); the kernels still mask every
+element exactly, so a visible-looking block that holds no visible pair costs time, never
+correctness. For causal masks and packed documents (positions restarting at 0) the ranges
+are the blocks from the first document's start to the diagonal.
 """
 
 from typing import NamedTuple
@@ -33,12 +36,26 @@ def _blocks(x, block: int):
   return x.reshape(x.shape[0], -1, block)
 
 
-def _summary(positions, segment_ids, block: int, position_reduce, position_fill):
+class _Summary(NamedTuple):
+  """Per block [B, n]: the extreme position (max for queries, min for keys), the extreme
+  (segment, position) pair in lexicographic order (max / min), and the segment-id range."""
+  pos: jax.Array
+  pair_seg: jax.Array
+  pair_pos: jax.Array
+  seg_lo: jax.Array
+  seg_hi: jax.Array
+
+
+def _summary(positions, segment_ids, block: int, largest: bool) -> _Summary:
+  reduce, fill = (jnp.max, _SMALL) if largest else (jnp.min, _BIG)
   valid = _blocks(segment_ids != 0, block)
-  pos = position_reduce(jnp.where(valid, _blocks(positions, block), position_fill), axis=-1)
-  seg = _blocks(segment_ids, block)
-  return (pos, jnp.min(jnp.where(valid, seg, _BIG), axis=-1),
-          jnp.max(jnp.where(valid, seg, _SMALL), axis=-1))
+  pos, seg = _blocks(positions, block), _blocks(segment_ids, block)
+  seg_lo = jnp.min(jnp.where(valid, seg, _BIG), axis=-1)
+  seg_hi = jnp.max(jnp.where(valid, seg, _SMALL), axis=-1)
+  pair_seg = seg_hi if largest else seg_lo
+  pair_pos = reduce(jnp.where(valid & (seg == pair_seg[..., None]), pos, fill), axis=-1)
+  return _Summary(reduce(jnp.where(valid, pos, fill), axis=-1), pair_seg, pair_pos, seg_lo,
+                  seg_hi)
 
 
 def _range(visible, axis: int):
@@ -55,10 +72,13 @@ def block_visibility(q_positions, k_positions, q_segment_ids, k_segment_ids,
   """bool [B, T/bq, S/bk]: whether query block i may see key block j (conservative). All
   inputs int32, lengths multiples of their blocks; segment id 0 marks padding (a query or key
   that takes part in nothing); pass ones for unpacked rows."""
-  q_pos, q_lo, q_hi = _summary(q_positions, q_segment_ids, block_q, jnp.max, _SMALL)
-  k_pos, k_lo, k_hi = _summary(k_positions, k_segment_ids, block_k, jnp.min, _BIG)
-  return ((k_pos[:, None, :] <= q_pos[:, :, None]) & (k_lo[:, None, :] <= q_hi[:, :, None])
-          & (q_lo[:, :, None] <= k_hi[:, None, :]))
+  q = jax.tree.map(lambda x: x[:, :, None],
+                   _summary(q_positions, q_segment_ids, block_q, largest=True))
+  k = jax.tree.map(lambda x: x[:, None, :],
+                   _summary(k_positions, k_segment_ids, block_k, largest=False))
+  pair_before = (k.pair_seg < q.pair_seg) | ((k.pair_seg == q.pair_seg)
+                                             & (k.pair_pos <= q.pair_pos))
+  return ((k.pos <= q.pos) & pair_before & (k.seg_lo <= q.seg_hi) & (q.seg_lo <= k.seg_hi))
 
 
 def block_ranges(q_positions, k_positions, q_segment_ids, k_segment_ids,

@@ -4,6 +4,10 @@ kernels (tpu.py). Semantics: reference.py.
 Backward (flash attention 2): delta = rowsum(dO * O) in XLA, then a dq kernel (the forward's
 grid) and a dk/dv kernel (key blocks outer, query blocks inner), both recomputing the
 probabilities from the saved log-sum-exp, so no [T,S] array exists in either pass.
+
+XLA cannot partition a Mosaic call: under a multi-device jit, call this inside a shard_map
+(dsjax.ops.flash_attention.pallas_attention does, over the context mesh's batch and heads
+axes).
 """
 
 import dataclasses
@@ -76,8 +80,8 @@ def _flash(q, k, v, info, ranges, opts: _Options):
 
 
 def _forward(q, k, v, info, ranges, opts: _Options):
-  return tpu.forward(q, k, v, info, ranges, scale=opts.scale, block_q=opts.block_q,
-                     block_k=opts.block_k, interpret=opts.interpret)
+  return tpu.forward(q, k, v, info, (ranges.k_start, ranges.k_end), scale=opts.scale,
+                     block_q=opts.block_q, block_k=opts.block_k, interpret=opts.interpret)
 
 
 def _flash_fwd(q, k, v, info, ranges, opts: _Options):
@@ -90,9 +94,10 @@ def _flash_bwd(opts: _Options, residuals, do):
   do = do.astype(q.dtype)
   # The softmax backward's row term, from the stored (rounded) output as flash attention does.
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-  dq, dk, dv = tpu.backward(q, k, v, info, ranges, do, _lane_rows(lse), _lane_rows(delta),
-                            scale=opts.scale, block_q=opts.block_q, block_k=opts.block_k,
-                            interpret=opts.interpret)
+  dq, dk, dv = tpu.backward(
+      q, k, v, info, (ranges.k_start, ranges.k_end), (ranges.q_start, ranges.q_end), do,
+      _lane_rows(lse), _lane_rows(delta), scale=opts.scale, block_q=opts.block_q,
+      block_k=opts.block_k, interpret=opts.interpret)
   return dq, dk, dv, None, None
 
 

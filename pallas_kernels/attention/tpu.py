@@ -131,10 +131,11 @@ def _call(kernel, prefetch, inputs, in_specs, out_specs, out_shape, scratch, gri
   )(*prefetch, *inputs)
 
 
-def forward(q, k, v, info, ranges, *, scale: float, block_q: int, block_k: int,
+def forward(q, k, v, info, k_range, *, scale: float, block_q: int, block_k: int,
             interpret: bool):
   """(o [B,N,Tp,Hv] in v's dtype, lse f32 [B,N,Tp,128] lane-replicated). info = (qpos, qseg
-  [B,Tp,128], kpos, kseg [B,8,Sp]); ranges: BlockRanges at (block_q, block_k)."""
+  [B,Tp,128], kpos, kseg [B,8,Sp]); k_range = (k_start, k_end) int32 [B,Tp/block_q], the key
+  blocks each query block may see (metadata.BlockRanges)."""
   b, n, tp, hq = q.shape
   sp, hv = k.shape[2], v.shape[-1]
   nq, nk = tp // block_q, sp // block_k
@@ -143,7 +144,7 @@ def forward(q, k, v, info, ranges, *, scale: float, block_q: int, block_k: int,
   in_specs, rows = _specs(block_q, block_k, hq, hv, q_block, k_block)
   kernel = functools.partial(_fwd_kernel, scale=scale, num_q_blocks=nq)
   return _call(
-      kernel, (ranges.k_start.reshape(-1), ranges.k_end.reshape(-1)), (q, k, v, *info),
+      kernel, tuple(x.reshape(-1) for x in k_range), (q, k, v, *info),
       in_specs, [rows(hv), rows(LANES)],
       [jax.ShapeDtypeStruct((b, n, tp, hv), v.dtype),
        jax.ShapeDtypeStruct((b, n, tp, LANES), jnp.float32)],
@@ -213,10 +214,11 @@ def _dkv_kernel(q_start_ref, q_end_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref,
     dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def backward(q, k, v, info, ranges, do, lse, delta, *, scale: float, block_q: int,
+def backward(q, k, v, info, k_range, q_range, do, lse, delta, *, scale: float, block_q: int,
              block_k: int, interpret: bool):
   """(dq, dk, dv) in the operands' layouts and dtypes. do [B,N,Tp,Hv] in q's dtype; lse and
-  delta f32 [B,N,Tp,128] lane-replicated."""
+  delta f32 [B,N,Tp,128] lane-replicated; q_range = (q_start, q_end) int32 [B,Sp/block_k],
+  the query blocks that may see each key block."""
   b, n, tp, hq = q.shape
   sp, hv = k.shape[2], v.shape[-1]
   nq, nk = tp // block_q, sp // block_k
@@ -227,7 +229,7 @@ def backward(q, k, v, info, ranges, do, lse, delta, *, scale: float, block_q: in
   specs, rows = _specs(block_q, block_k, hq, hv, lambda b_, h, i, j, ks, ke: i, k_block)
   dq = _call(
       functools.partial(_dq_kernel, scale=scale, num_q_blocks=nq),
-      (ranges.k_start.reshape(-1), ranges.k_end.reshape(-1)), inputs,
+      tuple(x.reshape(-1) for x in k_range), inputs,
       specs + [rows(hv), rows(LANES), rows(LANES)], rows(hq),
       jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((block_q, hq), jnp.float32)],
       (b, n, nq, nk), "flash_attention_dq", interpret)
@@ -239,7 +241,7 @@ def backward(q, k, v, info, ranges, do, lse, delta, *, scale: float, block_q: in
       (None, None, block_k, width), lambda b_, h, j, i, qs, qe: (b_, h, j, 0))
   dk, dv = _call(
       functools.partial(_dkv_kernel, scale=scale, num_k_blocks=nk),
-      (ranges.q_start.reshape(-1), ranges.q_end.reshape(-1)), inputs,
+      tuple(x.reshape(-1) for x in q_range), inputs,
       specs + [rows(hv), rows(LANES), rows(LANES)], [kv_rows(hq), kv_rows(hv)],
       [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       [pltpu.VMEM((block_k, hq), jnp.float32), pltpu.VMEM((block_k, hv), jnp.float32)],
