@@ -17,10 +17,12 @@ def get_config():
                topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
                first_k_dense_replace=1),
       num_mtp_layers=0, max_position_embeddings=163840, rms_norm_eps=1e-6,
-      bos_token_id=100000, eos_token_id=100001, dtype="bfloat16", param_dtype="float32")
+      bos_token_id=100000, eos_token_id=100001, dtype="bfloat16", param_dtype="float32",
+      remat_policy="full")
   return experiment_config(
       model, seed=0,
-      train=dict(steps=10_000, batch_size=256, seq_len=4096, log_every=10,
+      # One 4096-token sequence per batch shard: the global batch scales with the mesh.
+      train=dict(steps=10_000, batch_per_shard=1, seq_len=4096, log_every=10,
                  checkpoint_every=500, eval_every=500),
       optimizer=dict(lr=4.2e-4, warmup_steps=2000, schedule="cosine", weight_decay=0.1, clip=1.0),
       # data.tokenizer: the HF checkpoint directory (or its tokenizer.json), downloaded separately.

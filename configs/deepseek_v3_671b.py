@@ -24,7 +24,8 @@ def get_config():
       remat_policy="full")
   return experiment_config(
       model, seed=0,
-      train=dict(steps=100_000, batch_size=4096, seq_len=4096, log_every=10,
+      # One 4096-token sequence per batch shard: the global batch scales with the mesh.
+      train=dict(steps=100_000, batch_per_shard=1, seq_len=4096, log_every=10,
                  checkpoint_every=1000, eval_every=1000, mtp_weight=0.3, balance_alpha=1e-4,
                  router_bias_rate=1e-3),
       # Warm-up, constant lr for 10T of the 14.8T tokens, cosine decay to 2.2e-5 over 4.3T.

@@ -18,10 +18,12 @@ def get_config():
                topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.446,
                first_k_dense_replace=1),
       num_mtp_layers=0, max_position_embeddings=8192, rms_norm_eps=1e-5,
-      bos_token_id=163584, eos_token_id=163585, dtype="bfloat16", param_dtype="float32")
+      bos_token_id=163584, eos_token_id=163585, dtype="bfloat16", param_dtype="float32",
+      remat_policy="full")
   return experiment_config(
       model, seed=0,
-      train=dict(steps=10_000, batch_size=256, seq_len=8192, log_every=10,
+      # One 8192-token sequence per batch shard: the global batch scales with the mesh.
+      train=dict(steps=10_000, batch_per_shard=1, seq_len=8192, log_every=10,
                  checkpoint_every=500, eval_every=500),
       optimizer=dict(lr=4.2e-4, warmup_steps=2000, schedule="cosine", weight_decay=0.1, clip=1.0),
       # data.tokenizer: the HF checkpoint directory (or its tokenizer.json), downloaded separately.

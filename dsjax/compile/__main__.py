@@ -32,6 +32,13 @@ flags.mark_flag_as_required("topology")
 FLAGS = flags.FLAGS
 
 
+def _fail(message: str) -> None:
+  if FLAGS.traceback:
+    raise
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -46,10 +53,11 @@ def main(argv):
                             FLAGS.context)
     report = compile_program(program, topology)
   except (ValueError, FileNotFoundError) as error:
-    if FLAGS.traceback:
-      raise
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    _fail(str(error))
+  except Exception as error:  # the compiler's refusal (Mosaic, XLA): its first line
+    first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+    _fail(f"compiling the {FLAGS.step} step for {FLAGS.topology} failed: "
+          f"{type(error).__name__}: {first} (--traceback shows where)")
   print(format_report(report))
   if FLAGS.json:
     with open(FLAGS.json, "w", encoding="utf-8") as f:

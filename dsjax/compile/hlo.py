@@ -191,3 +191,22 @@ def _source_of(shapes: str, values_text: str) -> str:
       if match:
         return match.group(1)
   return ""
+
+
+_KERNEL_TARGETS = ("tpu_custom_call", "__gpu$xla.gpu.triton")
+_PALLAS_NAME = re.compile(r'op_name="[^"]*?(\w+)\)*/pallas_call"')
+_SCOPED_VMEM = re.compile(r'"used_scoped_memory_configs":\[[^\]]*?"size":"(\d+)"')
+
+
+def kernel_calls(hlo_text: str) -> list[tuple[str, int]]:
+  """The Pallas kernels of a compiled program: (pallas_call name, scoped VMEM bytes XLA:TPU
+  gave the Mosaic call, 0 for Triton calls) per call site. The name comes from the op_name,
+  e.g. jit(f)/transpose(jvp(nsa_selected_dq))/pallas_call -> nsa_selected_dq."""
+  calls = []
+  for line in hlo_text.splitlines():
+    if not any(f'custom_call_target="{t}"' in line for t in _KERNEL_TARGETS):
+      continue
+    name = _PALLAS_NAME.search(line)
+    vmem = _SCOPED_VMEM.findall(line)
+    calls.append((name.group(1) if name else "custom_call", int(vmem[0]) if vmem else 0))
+  return calls

@@ -4,6 +4,7 @@ does not fit is reported with what dominates its memory and the knobs to turn.""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import os
@@ -60,6 +61,7 @@ class Report:
   collectives_exact: bool
   compile_seconds: float
   largest_allocations: list[dict[str, Any]]
+  kernels: dict[str, int]               # Pallas kernel calls in the step, by name
   error: str | None = None
 
   def to_json(self) -> dict[str, Any]:
@@ -131,8 +133,11 @@ def compile_program(program: Program, topology: Topology) -> Report:
   arguments = sum(per_device_bytes(a) for a in program.args)
   if stats is not None:
     total = _total(stats)
-    collectives = hlo.collectives(compiled.as_text())
+    text = compiled.as_text()
+    collectives = hlo.collectives(text)
+    kernels = collections.Counter(name for name, _ in hlo.kernel_calls(text))
   else:
+    kernels = collections.Counter()
     total = (_refusal(error, arguments) or (0, 0))[0]
     collectives = hlo.Collectives({}, {}, False)
   fits = stats is not None and total <= topology.hbm_bytes_per_device
@@ -147,7 +152,7 @@ def compile_program(program: Program, topology: Topology) -> Report:
       collective_bytes_per_device=int(collectives.total_bytes),
       collectives_exact=collectives.exact, compile_seconds=round(seconds, 2),
       largest_allocations=[a.to_dict() for a in hlo.largest_allocations(usage, values)],
-      error=error)
+      kernels=dict(sorted(kernels.items())), error=error)
 
 
 def knobs(report: Report) -> list[str]:
@@ -200,6 +205,9 @@ def format_report(report: Report) -> str:
                  f"{gib(report.collective_bytes_per_device)} per device")
   for kind, c in report.collectives.items():
     lines.append(f"    {kind:<24}{c['count']:>8} x  {gib(c['bytes_per_device']):>12}")
+  if report.kernels:
+    lines.append("  Pallas kernels (call sites): " + ", ".join(
+        f"{name} x{count}" for name, count in report.kernels.items()))
   if report.largest_allocations:
     lines.append("  largest allocations per device:")
     for a in report.largest_allocations:

@@ -23,6 +23,7 @@ from dsjax.config import ModelConfig
 from dsjax.infer.generation import _decode_step, _prefill
 from dsjax.infer.sampling import SamplingParams
 from dsjax.model.transformer import Transformer
+from dsjax.parallel.activations import under_mesh
 from dsjax.parallel.mesh import BATCH_AXES, batch_parallelism, make_mesh, tree_shardings
 from dsjax.train.flops import active_matmul_params, train_flops_per_token
 from dsjax.train.setup import build_steps
@@ -129,7 +130,7 @@ def serving_program(cfg: ml_collections.ConfigDict, devices, step: str, batch: i
                               moe_impl=None, draft=False, layout="stacked")
   settings = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, context=context)
   if step == "prefill":
-    jitted = jax.jit(prefill)
+    jitted = jax.jit(under_mesh(prefill, mesh))
     args = (state, ids, lengths, _abstract_key())
     flops = _forward_flops(state, model_cfg, context, batch * context)
     groups = {"parameters": state}
@@ -140,7 +141,7 @@ def serving_program(cfg: ml_collections.ConfigDict, devices, step: str, batch: i
   token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=_rows_sharding(mesh, batch, 1))
   decode = functools.partial(_decode_step, graphdef, sampling=greedy, attn_impl="absorb",
                              moe_impl=None)
-  jitted = jax.jit(decode, donate_argnums=(1,))
+  jitted = jax.jit(under_mesh(decode, mesh), donate_argnums=(1,))
   args = (state, cache, token, token, _abstract_key(), jax.ShapeDtypeStruct((), jnp.int32))
   flops = _decode_flops(state, model_cfg, context, batch)
   return Program("decode", jitted, args, mesh, {"parameters": state, "cache": cache}, batch,

@@ -63,8 +63,11 @@ def _tpu_chip(generation: str) -> str:
 @functools.lru_cache(maxsize=None)
 def _tpu_devices(name: str, num_slices: int) -> tuple:
   from jax.experimental import topologies
+  kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+  grid = tuple(int(x) for x in name.split(":")[1].split("x"))
+  if math.prod(grid) < 4:  # smaller than one host (2x2 chips): the host is the slice
+    kwargs["chips_per_host_bounds"] = grid + (1,) * (3 - len(grid))
   try:
-    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
     topo = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
   except Exception as error:  # libtpu's own message names the problem (bad grid, no libtpu)
     hint = ("" if _libtpu_installed() else " libtpu is not installed: pip install "

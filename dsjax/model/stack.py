@@ -13,6 +13,7 @@ from dsjax.model.param import AXES
 from dsjax.ops.latent_attention import KeySegment
 from dsjax.ops.nsa_decode import NSACache, write_selection_slots
 from dsjax.ops.slots import write_at_slots
+from dsjax.parallel.activations import TOKENS, constrain
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -192,6 +193,12 @@ class LayerStack(nnx.Module):
     """body(h, one layer's slice of `layers`) -> (h, out) over the layers, scanned or
     unrolled (always unrolled with PerLayer parameters); outs stacked on axis 0."""
     unstacked = any(map(_is_per_layer, jax.tree.leaves(layers, is_leaf=_is_per_layer)))
+    inner = body
+
+    def body(h, layer):  # the residual stream keeps its batch split across layers
+      h, out = inner(constrain(h, TOKENS), layer)
+      return constrain(h, TOKENS), out
+
     if (self.scan if scan is None else scan) and not unstacked:
       return jax.lax.scan(body, x, layers)
     outputs = []

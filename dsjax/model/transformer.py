@@ -18,6 +18,7 @@ from dsjax.ops.nsa_decode import NSACache
 from dsjax.ops.rope import rope_cos_sin
 from dsjax.ops.routing import Routing
 from dsjax.ops.linear import project
+from dsjax.parallel.activations import LOGITS, TOKENS, constrain
 
 
 class ModelOutput(NamedTuple):
@@ -58,11 +59,13 @@ class Transformer(nnx.Module):
 
   # ---- pieces ----
   def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
-    return jnp.take(self.embed[...], input_ids, axis=0).astype(self.config.dtype)
+    x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.config.dtype)
+    return constrain(x, TOKENS)
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     head = self.embed[...].T if self.head is None else self.head[...]
-    return project(hidden, head.astype(self.config.dtype))
+    logits = project(hidden, head.astype(self.config.dtype))
+    return constrain(logits, LOGITS) if logits.ndim == 3 else logits
 
   def _rope_and_mask(self, positions, segment_ids):
     """cos, sin and what keeps attention inside a packed sequence: MLA's AttentionMask

@@ -13,11 +13,11 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dsjax.model.param import logical_axes
+from dsjax.parallel.activations import BATCH_AXES
 from dsjax.parallel.rules import DEFAULT_RULES, MESH_AXES, logical_to_spec
 
-# The batch dimension is split over every axis that does not split the model's features:
-# the expert axis holds different tokens for the non-expert layers, as in FSDP+EP setups.
-BATCH_AXES = ("data", "fsdp", "expert")
+__all__ = ["BATCH_AXES", "batch_parallelism", "batch_sharding", "make_mesh", "mesh_shape",
+           "tree_shardings"]
 
 
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from dsjax.config import ModelConfig
 from dsjax.data import build_data, make_tokenizer
+from dsjax.parallel.activations import under_mesh
 from dsjax.parallel.mesh import batch_parallelism, batch_sharding, make_mesh, tree_shardings
 from dsjax.train.balance import bias_update_enabled
 from dsjax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -94,13 +95,14 @@ def step_settings(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig) -> Ste
 
 def _compile_steps(run_parts: dict, settings: StepSettings):
   shardings, batch = run_parts["state_shardings"], run_parts["batch_sharding"]
+  mesh = batch.mesh
   step = functools.partial(train_step, graphdef=run_parts["graphdef"],
                            optimizer=run_parts["optimizer"], schedule=run_parts["schedule"],
                            settings=settings)
-  jitted_train = jax.jit(step, in_shardings=(shardings, batch), out_shardings=(shardings, None),
-                         donate_argnums=0)
+  jitted_train = jax.jit(under_mesh(step, mesh), in_shardings=(shardings, batch),
+                         out_shardings=(shardings, None), donate_argnums=0)
   evaluate = functools.partial(eval_step, graphdef=run_parts["graphdef"])
-  jitted_eval = jax.jit(evaluate, in_shardings=(shardings, batch))
+  jitted_eval = jax.jit(under_mesh(evaluate, mesh), in_shardings=(shardings, batch))
   return jitted_train, jitted_eval
 
 

@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dsjax.compile import hlo
 from dsjax.compile.topology import device_context, get_topology
 from pallas_kernels import gmm as gmm_lib
 from pallas_kernels import nsa
@@ -57,27 +58,17 @@ class Build:
 
 
 def _kernel_name(hlo_line: str) -> str:
-  """The pallas_call's name from an instruction's op_name, e.g.
-  jit(fn)/transpose(jvp(nsa_selected_dq))/pallas_call -> nsa_selected_dq."""
-  return re.search(r'op_name="[^"]*?(\w+)\)*/pallas_call"', hlo_line).group(1)
+  return hlo.kernel_calls(hlo_line)[0][0]
 
 
-def _calls(hlo: str, target: str) -> list[str]:
-  return [line for line in hlo.splitlines() if f'custom_call_target="{target}"' in line]
+def _calls(hlo_text: str, target: str) -> list[str]:
+  return [line for line in hlo_text.splitlines() if f'custom_call_target="{target}"' in line]
 
 
-def _tpu_kernels(hlo: str) -> tuple:
-  kernels = []
-  for line in _calls(hlo, "tpu_custom_call"):
-    sizes = re.findall(r'"used_scoped_memory_configs":\[[^\]]*?"size":"(\d+)"', line)
-    kernels.append((_kernel_name(line), int(sizes[0]) if sizes else 0))
-  return tuple(kernels)
-
-
-def _gpu_kernels(hlo: str, thunks: str) -> tuple:
+def _gpu_kernels(hlo_text: str, thunks: str) -> tuple:
   """Triton calls, named by their op_name, with the shared memory of their launch thunks
   (named after the kernel; a second kernel of the same name gets a suffix __1)."""
-  names = {_kernel_name(line) for line in _calls(hlo, "__gpu$xla.gpu.triton")}
+  names = {_kernel_name(line) for line in _calls(hlo_text, "__gpu$xla.gpu.triton")}
   launches = re.findall(r"kCustomKernel \[[^\]]*\] (\w+?)(?:__\d+)? grid: .*shared_memory: "
                         r"(\d+) bytes", thunks)
   return tuple((name, int(shared)) for name, shared in launches if name in names)
@@ -96,7 +87,7 @@ def compile_for(topology, fn, *args) -> Build:
     compiled = lowered.compile(compiler_options=options)
     seconds = time.perf_counter() - start
     if topology.platform == "tpu":
-      return Build(_tpu_kernels(compiled.as_text()), seconds)
+      return Build(tuple(hlo.kernel_calls(compiled.as_text())), seconds)
     thunks = "".join(path.read_text()
                      for path in pathlib.Path(dump).glob("*.thunk_sequence.txt"))
     return Build(_gpu_kernels(compiled.as_text(), thunks), seconds)
