@@ -1,7 +1,12 @@
 """DeepSeek-V3 (671B total, 37B activated; +14B MTP module): the hyper-parameters of
 deepseek-ai/DeepSeek-V3's config.json. Pre-training recipe values from the V3 report
 (lr 2.2e-4, 2K warmup steps, weight decay 0.1, clip 1.0, 4K sequences, MTP lambda 0.3,
-balance alpha 1e-4, bias update gamma 1e-3)."""
+balance alpha 1e-4, bias update gamma 1e-3).
+
+Pod: the train step does not fit a TPU v5p-1024 slice yet (`python -m dsjax.compile
+--config=configs/deepseek_v3_671b.py --topology=v5p:8x8x8`: 819.6 GiB per chip needed, 95.7
+available). The parameters and AdamW state fit (52.6 GiB per chip); the globally sorted MoE
+dispatch does not, and needs expert parallelism (issue 20). docs/scale.md."""
 
 from dsjax.experiment import experiment_config
 

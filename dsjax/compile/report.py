@@ -41,6 +41,7 @@ def gib(n: float) -> str:
 class Report:
   """What one compile found. Memory figures are per device."""
   topology: str
+  num_slices: int
   chip: str
   device_kind: str
   devices: int
@@ -71,7 +72,7 @@ class Report:
   def seconds_at_peak(self) -> float:
     """The step's FLOPs over the slice's peak: the step time at 100% MFU."""
     from dsjax.compile.topology import get_topology
-    peak = get_topology(self.topology).peak_flops_per_device * self.devices
+    peak = get_topology(self.topology, self.num_slices).peak_flops_per_device * self.devices
     return self.flops_per_step / peak
 
 
@@ -142,7 +143,7 @@ def compile_program(program: Program, topology: Topology) -> Report:
     collectives = hlo.Collectives({}, {}, False)
   fits = stats is not None and total <= topology.hbm_bytes_per_device
   return Report(
-      topology=topology.name, chip=topology.chip, device_kind=topology.device_kind,
+      topology=topology.name, num_slices=topology.num_slices, chip=topology.chip, device_kind=topology.device_kind,
       devices=topology.num_devices, step=program.step, mesh=dict(program.mesh.shape),
       batch=program.batch, seq_len=program.seq_len, settings=program.settings, fits=fits,
       hbm_bytes_per_device=topology.hbm_bytes_per_device, bytes_per_device=total,
@@ -187,8 +188,9 @@ def error_line(report: Report) -> str:
 
 def format_report(report: Report) -> str:
   """The human-readable report printed by `python -m dsjax.compile`."""
+  slices = f" x {report.num_slices} slices" if report.num_slices > 1 else ""
   lines = [f"{report.step} step, {report.batch} x {report.seq_len} tokens, on {report.topology}"
-           f" ({report.devices} x {report.device_kind}), mesh {report.mesh}",
+           f"{slices} ({report.devices} x {report.device_kind}), mesh {report.mesh}",
            f"  settings: {report.settings}",
            f"  compiled in {report.compile_seconds:.1f} s",
            "  memory per device:"]

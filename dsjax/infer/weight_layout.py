@@ -19,6 +19,7 @@ import jax
 from flax import nnx
 
 from dsjax.ops.linear import OutMajor
+from dsjax.ops.platform import target_platform
 
 PROJECTION_LAYOUTS = ("auto", "out_major", "in_major")
 # "auto" leaves smaller weights input-major: for them the product costs less than the transpose
@@ -33,7 +34,7 @@ def resolve_projection_layout(layout: str, weights: str = "per_layer") -> str:
   if layout not in PROJECTION_LAYOUTS:
     raise ValueError(f"projection_layout={layout!r}; use one of {PROJECTION_LAYOUTS}.")
   if layout == "auto":
-    cpu = jax.default_backend() == "cpu"
+    cpu = target_platform() == "cpu"
     return "out_major" if cpu and weights == "per_layer" else "in_major"
   if layout == "out_major" and weights != "per_layer":
     raise ValueError(f"projection_layout='out_major' needs layout='per_layer' (the Generator's "

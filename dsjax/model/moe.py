@@ -11,6 +11,7 @@ from dsjax.model.mlp import MLP
 from dsjax.model.param import AXES, RouterBias, normal_param
 from dsjax.ops import moe_dispatch
 from dsjax.ops.linear import OutMajor
+from dsjax.ops.platform import target_platform
 from dsjax.ops.routing import Routing, route
 
 
@@ -30,7 +31,7 @@ def resolve_impl(impl: str, moe: MoEConfig, tokens: int | None = None) -> str:
   (few tokens, as in decoding), else 'blocked' (`tokens` None: a training-size batch)."""
   if impl != "auto":
     return impl
-  if jax.default_backend() != "cpu":
+  if target_platform() != "cpu":
     return "ragged"
   if tokens is None:
     return "blocked"

@@ -20,6 +20,7 @@ from dsjax.model.param import normal_param
 from dsjax.ops import nsa as nsa_ops
 from dsjax.ops import nsa_decode
 from dsjax.ops.nsa_decode import NSACache
+from dsjax.ops.platform import target_platform
 from dsjax.ops.rope import apply_rope
 from pallas_kernels import nsa as nsa_kernels
 from pallas_kernels.nsa.reference import selected_attention_gather
@@ -49,7 +50,7 @@ def resolve_select_impl(impl: str) -> str:
   """'auto' -> the XLA gather path on CPU, the Pallas kernel on TPU/GPU."""
   if impl != "auto":
     return impl
-  return "gather" if jax.default_backend() == "cpu" else "pallas"
+  return "gather" if target_platform() == "cpu" else "pallas"
 
 
 class NSAttention(nnx.Module):
@@ -112,10 +113,13 @@ class NSAttention(nnx.Module):
       return selected_attention_gather(q, k, v, indices, cfg.select_block, scale,
                                        query_offset=offset, key_start=starts)
 
+    platform = target_platform()
+
     def kernel(q, k, v, indices, key_start, key_end):
       return nsa_kernels.selected_attention(q, k, v, indices, cfg.select_block, scale,
                                             key_start=key_start, key_end=key_end,
-                                            interpret=jax.default_backend() == "cpu")
+                                            interpret=platform == "cpu",
+                                            backend=None if platform == "cpu" else platform)
 
     # "pallas": all three branches through the kernel (nsa_ops.branch_outputs).
     use_kernel = resolve_select_impl(select_impl or cfg.select_impl) == "pallas"

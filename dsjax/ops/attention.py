@@ -10,6 +10,8 @@ visibility in O(T + S) values; `.dense()` is the bool [B,1,T,S] the reference re
 from typing import NamedTuple
 
 import jax
+
+from dsjax.ops.platform import target_platform
 import jax.numpy as jnp
 
 from dsjax.config import ATTENTION_IMPLS
@@ -74,15 +76,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   probs = jax.nn.softmax(logits, axis=-1)
   probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
   return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
-
-
-def target_platform() -> str:
-  """The platform a computation traced now compiles for: that of the default device when one
-  is set (dsjax.compile's TPU/GPU compile-only devices on a CPU host), else the default
-  backend's."""
-  device = jax.config.jax_default_device
-  platform = getattr(device, "platform", None) or jax.default_backend()
-  return "gpu" if platform in ("cuda", "rocm") else platform
 
 
 def resolve_impl(impl: str, q: jax.Array, k: jax.Array, v: jax.Array) -> str:

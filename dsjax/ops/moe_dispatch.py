@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.ops.linear import out_major_product
+from dsjax.ops.platform import target_platform
 from pallas_kernels.gmm import gmm
 
 
@@ -74,7 +75,9 @@ def _ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.A
 def pallas_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
   """The Pallas grouped-matmul kernel (pallas_kernels.gmm) for this machine's backend; on CPU
   its interpreter (exact but slow: for tests)."""
-  return gmm(lhs, rhs, group_sizes, interpret=jax.default_backend() == "cpu")
+  platform = target_platform()
+  return gmm(lhs, rhs, group_sizes, interpret=platform == "cpu",
+             backend=None if platform == "cpu" else platform)
 
 
 def experts_sorted(x, expert_ids, weights, w1, w3, w2,

@@ -43,15 +43,31 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh with axes MESH_AXES over `devices` (default: all), laid out for the topology."""
+  """A Mesh with axes MESH_AXES over `devices` (default: all), laid out for the topology.
+  Devices of several TPU slices (multi-slice): `data` spans the slices (their data-center
+  network), every other axis stays inside a slice (its ICI)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
   dims = [shape[axis] for axis in MESH_AXES]
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:
+    return Mesh(_multi_slice_grid(dims, devices, slices), MESH_AXES)
   try:
     grid = mesh_utils.create_device_mesh(dims, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
     grid = np.asarray(devices, dtype=object).reshape(dims)  # no topology info: plain order
   return Mesh(grid, MESH_AXES)
+
+
+def _multi_slice_grid(dims: list[int], devices, slices: int) -> np.ndarray:
+  data = MESH_AXES.index("data")
+  if dims[data] % slices:
+    raise ValueError(f"The devices span {slices} slices, which split the mesh's data axis; "
+                     f"mesh.data={dims[data]} is not a multiple of {slices}: set "
+                     f"--config.mesh.data to a multiple of {slices}.")
+  ici = [size // slices if i == data else size for i, size in enumerate(dims)]
+  dcn = [slices if i == data else 1 for i in range(len(dims))]
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
 
 
 def batch_parallelism(mesh: Mesh) -> int:

@@ -26,24 +26,6 @@ from dsjax.train.state import abstract_train_state
 from dsjax.train.step import StepSettings, TrainState, eval_step, train_step
 
 
-@dataclasses.dataclass
-class Run:
-  """A validated, ready-to-train experiment."""
-  cfg: ml_collections.ConfigDict
-  model_cfg: ModelConfig
-  tokenizer: Any
-  data: Any
-  mesh: Mesh
-  optimizer: optax.GradientTransformation
-  schedule: optax.Schedule
-  graphdef: Any
-  abstract_state: TrainState       # ShapeDtypeStructs carrying their shardings
-  state_shardings: Any
-  batch_sharding: NamedSharding
-  train_step: Any                  # jitted (state, batch) -> (state, metrics)
-  eval_step: Any                   # jitted (state, batch) -> (loss_sum, weight, correct)
-
-
 def _check_train_section(train: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
   positive = ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "eval_every",
               "grad_accum_steps", "keep_checkpoints", "max_bad_steps")
@@ -120,6 +102,14 @@ class Steps:
   batch_sharding: NamedSharding
   train_step: Any                  # jitted (state, batch) -> (state, metrics)
   eval_step: Any                   # jitted (state, batch) -> (loss_sum, weight, correct)
+
+
+@dataclasses.dataclass
+class Run(Steps):
+  """A validated, ready-to-train experiment: its Steps plus the config and data."""
+  cfg: ml_collections.ConfigDict
+  tokenizer: Any
+  data: Any
 
 
 def build_steps(cfg: ml_collections.ConfigDict, devices=None) -> Steps:

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dsjax.compile import hlo
 from dsjax.compile.report import compile_program
-from dsjax.compile.steps import build_program, per_device_bytes
+from dsjax.compile.steps import build_program
 from dsjax.compile.topology import TopologyError, chips_in, get_topology
 from dsjax.experiment import load_experiment
 from dsjax.infer.cache import latent_values_per_token
@@ -147,3 +147,32 @@ def test_cli_bad_topology_or_mesh_is_one_error_line(args, words):
   assert result.returncode == 1
   (line,) = _error_lines(result.stderr)
   assert words in line
+
+
+def test_multi_slice_mesh_puts_data_across_slices():
+  from dsjax.parallel.mesh import make_mesh
+  topology = get_topology("v5p:2x2x1", num_slices=2)
+  cfg = _tiny(**{"mesh.data": 2, "mesh.fsdp": 4})
+  mesh = make_mesh(cfg.mesh, topology.devices)
+  slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  assert (slices[0] == 0).all() and (slices[1] == 1).all()  # data index = slice
+  with pytest.raises(ValueError, match="multiple of 2"):
+    make_mesh(_tiny(**{"mesh.data": 1, "mesh.fsdp": -1}).mesh, topology.devices)
+
+
+def test_auto_implementations_follow_the_compile_target():
+  """Compiling for TPU from a CPU host picks the TPU paths (ragged MoE dispatch, the NSA and
+  flash kernels), not the CPU ones."""
+  from dsjax.compile.topology import device_context
+  from dsjax.config import MoEConfig
+  from dsjax.model.moe import resolve_impl
+  from dsjax.model.nsa import resolve_select_impl
+  from dsjax.ops.platform import target_platform
+  moe = MoEConfig()
+  assert (target_platform(), resolve_impl("auto", moe), resolve_select_impl("auto")) == (
+      "cpu", "blocked", "gather")
+  with device_context(get_topology("v5p:2x2x1").devices):
+    assert (target_platform(), resolve_impl("auto", moe), resolve_select_impl("auto")) == (
+        "tpu", "ragged", "pallas")
+  with device_context(get_topology("h100:8").devices):
+    assert target_platform() == "gpu" and resolve_impl("auto", moe) == "ragged"
