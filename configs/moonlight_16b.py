@@ -1,7 +1,11 @@
 """Moonlight-16B-A3B (moonshotai; 15.29B non-embedding / 2.24B activated non-embedding
 parameters): a DeepSeek-V3 architecture (model_type deepseek_v3) with direct queries, 64
 experts in one group, sigmoid noaux_tc routing, plain RoPE (theta 50000, 8K context), no MTP.
-eos 163585 is the base model's [EOS]; the Instruct model's config.json uses 163586."""
+eos 163585 is the base model's [EOS]; the Instruct model's config.json uses 163586.
+
+Trains on a TPU v5p-8 slice (`python -m dsjax.compile --config=configs/moonlight_16b.py
+--topology=v5p:2x2x1`: 80.3 of 95.7 GiB per chip) with one 8192-token sequence per chip and
+remat "full"; unchanged on v5p-16 (50.2 GiB per chip). docs/scale.md."""
 
 from dsjax.experiment import experiment_config
 

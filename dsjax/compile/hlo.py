@@ -199,14 +199,16 @@ _SCOPED_VMEM = re.compile(r'"used_scoped_memory_configs":\[[^\]]*?"size":"(\d+)"
 
 
 def kernel_calls(hlo_text: str) -> list[tuple[str, int]]:
-  """The Pallas kernels of a compiled program: (pallas_call name, scoped VMEM bytes XLA:TPU
-  gave the Mosaic call, 0 for Triton calls) per call site. The name comes from the op_name,
-  e.g. jit(f)/transpose(jvp(nsa_selected_dq))/pallas_call -> nsa_selected_dq."""
+  """The Mosaic and Triton kernels of a compiled program: (name, scoped VMEM bytes XLA:TPU
+  gave the Mosaic call, 0 for Triton calls) per call site. A Pallas kernel's name comes from
+  its op_name, e.g. jit(f)/transpose(jvp(nsa_selected_dq))/pallas_call -> nsa_selected_dq;
+  XLA's own Mosaic kernels (ragged dot) are named by their op_name's last part."""
   calls = []
   for line in hlo_text.splitlines():
     if not any(f'custom_call_target="{t}"' in line for t in _KERNEL_TARGETS):
       continue
-    name = _PALLAS_NAME.search(line)
+    name = _PALLAS_NAME.search(line) or _OP_NAME.search(line)  # else XLA's own (ragged dot)
     vmem = _SCOPED_VMEM.findall(line)
-    calls.append((name.group(1) if name else "custom_call", int(vmem[0]) if vmem else 0))
+    label = name.group(1).rsplit("/", 1)[-1] if name else "custom_call"
+    calls.append((label, int(vmem[0]) if vmem else 0))
   return calls

@@ -62,7 +62,7 @@ class Report:
   collectives_exact: bool
   compile_seconds: float
   largest_allocations: list[dict[str, Any]]
-  kernels: dict[str, int]               # Pallas kernel calls in the step, by name
+  kernels: dict[str, int]               # Mosaic / Triton kernel call sites, by name
   error: str | None = None
 
   def to_json(self) -> dict[str, Any]:
@@ -208,7 +208,7 @@ def format_report(report: Report) -> str:
   for kind, c in report.collectives.items():
     lines.append(f"    {kind:<24}{c['count']:>8} x  {gib(c['bytes_per_device']):>12}")
   if report.kernels:
-    lines.append("  Pallas kernels (call sites): " + ", ".join(
+    lines.append("  kernels (call sites): " + ", ".join(
         f"{name} x{count}" for name, count in report.kernels.items()))
   if report.largest_allocations:
     lines.append("  largest allocations per device:")

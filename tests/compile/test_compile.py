@@ -176,3 +176,13 @@ def test_auto_implementations_follow_the_compile_target():
         "tpu", "ragged", "pallas")
   with device_context(get_topology("h100:8").devices):
     assert target_platform() == "gpu" and resolve_impl("auto", moe) == "ragged"
+
+
+def test_tiny_train_step_compiles_for_h100():
+  """The deviceless CUDA compiler builds the same step for 8 H100s (XLA's dots on cuBLAS:
+  dsjax.compile turns Triton GEMMs off, which cannot be autotuned without a GPU)."""
+  topology = get_topology("h100:8")
+  report = compile_program(build_program(_tiny(**{"mesh.data": 2, "mesh.fsdp": 4}),
+                                         topology.devices, "train"), topology)
+  assert report.fits and report.devices == 8 and report.device_kind.startswith("NVIDIA H100")
+  assert 0 < report.bytes_per_device < report.hbm_bytes_per_device
