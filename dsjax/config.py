@@ -14,7 +14,7 @@ from typing import Any, Literal
 TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
 _TOPK_ALIASES = {"group_limited": "group_limited_greedy"}
 _DTYPES = ("float32", "bfloat16", "float16")
-MOE_IMPLS = ("auto", "dense", "blocked", "ragged", "pallas")
+MOE_IMPLS = ("auto", "dense", "blocked", "ragged", "pallas", "ep")
 ATTENTION_IMPLS = ("auto", "dense", "blocked", "pallas", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
@@ -192,7 +192,13 @@ class MoEConfig:
       by expert + lax.ragged_dot, for TPU/GPU), "pallas" (sorted by expert + the Pallas gmm
       kernel of pallas_kernels.gmm on TPU/GPU; its interpreter on CPU, for tests only), or
       "auto" (on CPU dense or blocked by the token count, see
-      dsjax.model.moe.resolve_impl; ragged elsewhere).
+      dsjax.model.moe.resolve_impl; ragged elsewhere), or "ep": expert parallelism over the
+      mesh's `expert` axis (dsjax.parallel.expert_parallel: rows travel by all-to-all to the
+      device holding their expert), which "auto" picks whenever the step's mesh has
+      expert > 1.
+    capacity_factor: expert parallelism only: 0 (dropless, the default) or the rows a device
+      receives per layer, as a multiple of its tokens x K; rows past that are dropped (the
+      train metrics report moe_dropped_fraction).
   """
 
   n_routed_experts: int = 64
@@ -206,7 +212,8 @@ class MoEConfig:
   norm_topk_prob: bool = False
   routed_scaling_factor: float = 1.0
   first_k_dense_replace: int = 1
-  impl: Literal["auto", "dense", "blocked", "ragged", "pallas"] = "auto"
+  impl: Literal["auto", "dense", "blocked", "ragged", "pallas", "ep"] = "auto"
+  capacity_factor: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "topk_method", _TOPK_ALIASES.get(self.topk_method, self.topk_method))
@@ -216,6 +223,9 @@ class MoEConfig:
            f"moe.topk_method={self.topk_method!r}; use 'greedy', 'group_limited_greedy' or "
            "'noaux_tc'.")
     _check(self.impl in MOE_IMPLS, f"moe.impl={self.impl!r}; use one of {MOE_IMPLS}.")
+    _check(self.capacity_factor == 0 or self.capacity_factor >= 1.0 / self.num_experts_per_tok,
+           f"moe.capacity_factor={self.capacity_factor}; use 0 (dropless) or a positive "
+           f"multiple of the rows a device routes (>= 1/K; 1.0 to 2.0 is usual).")
     _check(self.n_routed_experts > 0 and self.moe_intermediate_size > 0,
            "moe.n_routed_experts and moe.moe_intermediate_size must be > 0.")
     _check(self.n_shared_experts >= 0, "moe.n_shared_experts must be >= 0.")

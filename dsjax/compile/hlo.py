@@ -132,12 +132,19 @@ def collectives(hlo_text: str) -> Collectives:
   count: dict[str, int] = collections.defaultdict(int)
   size: dict[str, float] = collections.defaultdict(float)
   for name, times in runs.items():
+    shapes = {}
     for line in comps[name].lines:
       match = _INSTRUCTION.match(line)
       if not match:
         continue
-      _, shape_text, opcode, _ = match.groups()
+      result, shape_text, opcode, operands = match.groups()
+      shapes[result] = shape_text
       kind = _collective_kind(opcode)
+      if kind == "ragged-all-to-all":
+        # Its result is the whole receive buffer (sized for the worst case); what it moves
+        # is at most its operand, the rows this device sends.
+        first = re.match(r"\s*%?([\w.\-]+)", operands)
+        shape_text = shapes.get(first.group(1), shape_text) if first else shape_text
       if kind:
         count[kind] += times
         size[kind] += times * _collective_bytes(kind, opcode, shape_text)

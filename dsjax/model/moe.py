@@ -13,6 +13,8 @@ from dsjax.ops import moe_dispatch
 from dsjax.ops.linear import OutMajor
 from dsjax.ops.platform import target_platform
 from dsjax.ops.routing import Routing, route
+from dsjax.parallel import expert_parallel
+from dsjax.parallel.activations import constrain
 
 
 _DISPATCH = {"dense": moe_dispatch.experts_dense, "blocked": moe_dispatch.experts_blocked,
@@ -26,11 +28,17 @@ _DISPATCH_OUT_MAJOR = {
 
 
 def resolve_impl(impl: str, moe: MoEConfig, tokens: int | None = None) -> str:
-  """'auto' -> 'ragged' on TPU/GPU. On CPU, where ragged_dot is emulated densely: 'dense'
-  when every expert on every token costs no more rows than the block-padded sorted dispatch
-  (few tokens, as in decoding), else 'blocked' (`tokens` None: a training-size batch)."""
+  """'auto' -> 'ep' (expert parallelism, dsjax.parallel.expert_parallel) when the context
+  mesh has an expert axis > 1 that divides the experts and the batch axes divide the tokens;
+  else 'ragged' on TPU/GPU. On CPU, where ragged_dot is emulated densely: 'dense' when every
+  expert on every token costs no more rows than the block-padded sorted dispatch (few
+  tokens, as in decoding), else 'blocked' (`tokens` None: a training-size batch)."""
   if impl != "auto":
     return impl
+  mesh = expert_parallel.context_mesh()
+  if tokens is not None and expert_parallel.expert_parallelism(
+      mesh, moe.n_routed_experts, tokens) > 1:
+    return "ep"
   if target_platform() != "cpu":
     return "ragged"
   if tokens is None:
@@ -70,9 +78,18 @@ class MoE(nnx.Module):
   def __call__(self, x: jax.Array, impl: str | None = None) -> tuple[jax.Array, Routing]:
     b, t, d = x.shape
     tokens = x.reshape(b * t, d)
-    routing = self.route(tokens)
+    # Rows of the flattened tokens keep the batch split: the stacked routing outputs
+    # ([L, B*T, E] scores for the balance loss) must not be gathered onto every device.
+    routing = Routing(*(constrain(a, ("batch", None)) for a in self.route(tokens)[:3]))
     w1, w3, w2 = (w[...].astype(self.dtype) for w in (self.w1, self.w3, self.w2))
     impl = resolve_impl(impl or self.moe.impl, self.moe, b * t)
+    if impl == "ep":
+      y, dropped = expert_parallel.expert_parallel_moe(
+          tokens, routing.expert_ids, routing.expert_weights,
+          *(w.in_major() if isinstance(w, OutMajor) else w for w in (w1, w3, w2)),
+          capacity_factor=self.moe.capacity_factor)
+      return self._with_shared(y.reshape(b, t, d).astype(x.dtype), x), routing._replace(
+          dropped=dropped)
     if impl not in _DISPATCH:
       raise ValueError(f"moe impl={impl!r}; use one of {MOE_IMPLS}.")
     dispatch = _DISPATCH[impl]
@@ -82,7 +99,7 @@ class MoE(nnx.Module):
       else:
         w1, w3, w2 = (w.in_major() for w in (w1, w3, w2))
     y = dispatch(tokens, routing.expert_ids, routing.expert_weights, w1, w3, w2)
-    y = y.reshape(b, t, d).astype(x.dtype)
-    if self.shared_experts is not None:
-      y = y + self.shared_experts(x)
-    return y, routing
+    return self._with_shared(y.reshape(b, t, d).astype(x.dtype), x), routing
+
+  def _with_shared(self, y: jax.Array, x: jax.Array) -> jax.Array:
+    return y if self.shared_experts is None else y + self.shared_experts(x)

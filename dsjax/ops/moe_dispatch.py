@@ -59,7 +59,7 @@ def experts_dense_out_major(x, expert_ids, weights, w1t, w3t, w2t) -> jax.Array:
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def _unsort_and_combine(y_sorted: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
+def unsort_and_combine(y_sorted: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
   """Rows y_sorted[M*K,D] in expert-sorted `order` -> sum over K of weights[M,K] * row, using a
   gather by the inverse permutation (no scatter-add)."""
   m, k = weights.shape
@@ -68,7 +68,7 @@ def _unsort_and_combine(y_sorted: jax.Array, order: jax.Array, weights: jax.Arra
   return jnp.einsum("MKD,MK->MD", y, weights.astype(y.dtype))
 
 
-def _ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
   return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
 
@@ -81,7 +81,7 @@ def pallas_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Ar
 
 
 def experts_sorted(x, expert_ids, weights, w1, w3, w2,
-                   grouped_matmul: GroupedMatmul = _ragged_dot) -> jax.Array:
+                   grouped_matmul: GroupedMatmul = ragged_dot) -> jax.Array:
   """Dropless sort-by-expert dispatch: the M*K (token, expert) rows are sorted by expert, each
   expert multiplies its contiguous rows (`grouped_matmul(lhs[R,D], rhs[E,D,F], sizes[E])`,
   lax.ragged_dot by default, the Pallas gmm kernel on TPU/GPU), and the rows are un-sorted by a
@@ -91,9 +91,16 @@ def experts_sorted(x, expert_ids, weights, w1, w3, w2,
   flat_ids = expert_ids.reshape(-1)
   order = jnp.argsort(flat_ids, stable=True)
   group_sizes = jnp.bincount(flat_ids, length=w1.shape[0]).astype(jnp.int32)
-  rows = x[order // k]
+  y = grouped_ffn(x[order // k], group_sizes, w1, w3, w2, grouped_matmul)
+  return unsort_and_combine(y, order, weights)
+
+
+def grouped_ffn(rows, group_sizes, w1, w3, w2, grouped_matmul: GroupedMatmul = ragged_dot
+                ) -> jax.Array:
+  """The experts' SwiGLU on rows [R,D] sorted by expert, group_sizes int32[E] (rows past
+  their sum give zeros) -> [R,D]."""
   h = _swiglu(grouped_matmul(rows, w1, group_sizes), grouped_matmul(rows, w3, group_sizes))
-  return _unsort_and_combine(grouped_matmul(h, w2, group_sizes), order, weights)
+  return grouped_matmul(h, w2, group_sizes)
 
 
 def _padded_layout(flat_ids: jax.Array, num_experts: int, block: int):
@@ -139,4 +146,4 @@ def experts_blocked(x, expert_ids, weights, w1, w3, w2, block: int | None = None
     up, down, w2_blocks = "GBD,GDF->GBF", "GBF,GFD->GBD", w2[block_expert]
   h = _swiglu(jnp.einsum(up, rows, w1[block_expert]), jnp.einsum(up, rows, w3[block_expert]))
   y = jnp.einsum(down, h, w2_blocks).reshape(capacity, d)
-  return _unsort_and_combine(y[destination], order, weights)
+  return unsort_and_combine(y[destination], order, weights)

@@ -12,10 +12,13 @@ from dsjax.config import MoEConfig
 
 
 class Routing(NamedTuple):
-  """expert_ids int32[M,K], expert_weights float32[M,K], scores float32[M,E] (unbiased)."""
+  """expert_ids int32[M,K], expert_weights float32[M,K], scores float32[M,E] (unbiased);
+  dropped: with expert parallelism, the fraction of (token, expert) rows a capacity factor
+  dropped (float32 scalar), else None."""
   expert_ids: jax.Array
   expert_weights: jax.Array
   scores: jax.Array
+  dropped: jax.Array | None = None
 
 
 def _group_mask(choice: jax.Array, moe: MoEConfig) -> jax.Array:

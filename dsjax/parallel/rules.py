@@ -15,9 +15,13 @@ LOGICAL_AXES = ("vocab", "embed", "q_lora", "kv_lora", "heads", "head_dim", "mlp
                 "expert_mlp", "layers")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
-# Experts on `expert`, heads and MLP hidden dims on `tensor`, the model dim FSDP-sharded.
+# Experts on `expert`, heads and MLP hidden dims on `tensor`, the model dim FSDP-sharded. The
+# low-rank dims are FSDP-sharded too: wq_b [q_lora, heads, head_dim] and wkv_b [kv_lora, ...]
+# have no model dim, and replicated they would be DeepSeek-V3's largest replicated weights
+# (wq_b alone: 8.2 GiB of fp32 master weights per chip, and twice that of AdamW moments). A
+# weight that has both (wq_a, wkv_a) keeps fsdp on its model dim: an axis shards one dim.
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
-    ("vocab", "tensor"), ("embed", "fsdp"), ("q_lora", None), ("kv_lora", None),
+    ("vocab", "tensor"), ("embed", "fsdp"), ("q_lora", "fsdp"), ("kv_lora", "fsdp"),
     ("heads", "tensor"), ("head_dim", None), ("mlp", "tensor"), ("experts", "expert"),
     ("expert_mlp", "tensor"), ("layers", None),
 )

@@ -69,16 +69,32 @@ def _token_mask(token_mask: jax.Array | None, segment_ids: jax.Array) -> jax.Arr
   return valid.astype(jnp.float32)
 
 
-def _sequence_index(segment_ids: jax.Array) -> jax.Array:
-  """int32[M]: a distinct index in [0, M) for each (row, packed sequence) of segment_ids [B,T].
+def _row_sequences(segment_ids: jax.Array) -> jax.Array:
+  """int32[T]: the index in [0, T) of each token's packed sequence within its row: sequences
+  are the runs of equal segment id (packing writes them contiguously), so segment ids need
+  not be small or dense."""
+  starts = jnp.concatenate([jnp.ones((1,), bool), segment_ids[1:] != segment_ids[:-1]])
+  return jnp.cumsum(starts, dtype=jnp.int32) - 1
 
-  Sequences are the runs of equal segment id in a row (packing writes them contiguously), so
-  segment ids need not be small or dense."""
-  b, t = segment_ids.shape
-  starts = jnp.concatenate(
-      [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-  run = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1
-  return (jnp.arange(b, dtype=jnp.int32)[:, None] * t + run).reshape(-1)
+
+def _row_balance(scores, expert_ids, segment_ids, valid, num_experts_per_tok: int):
+  """One row's sum over its sequences of L_bal (float32[L]) and its number of sequences.
+  scores [L,T,E], expert_ids [L,T,K], segment_ids and valid [T]."""
+  layers, t, e = scores.shape
+  seq = _row_sequences(segment_ids)
+  lengths = jax.ops.segment_sum(valid, seq, num_segments=t)  # T_s, [T] (most are empty)
+  denom = jnp.maximum(jnp.sum(scores, axis=-1, keepdims=True), 1e-30)
+  probs = jnp.where(valid[None, :, None] > 0, scores / denom, 0.0)
+  prob_sum = jax.ops.segment_sum(jnp.moveaxis(probs, 1, 0), seq, num_segments=t)  # [T,L,E]
+  # sum_i count_i * prob_sum_i as a gather at each token's chosen experts: no [L,T,E] counts.
+  chosen = prob_sum[seq[None, :, None], jnp.arange(layers)[:, None, None], expert_ids]
+  per_token = jnp.sum(chosen, axis=-1) * valid[None]  # [L,T]
+  dot = jax.ops.segment_sum(per_token.T, seq, num_segments=t)  # [T,L]
+  has_tokens = lengths > 0
+  safe_len = jnp.where(has_tokens, lengths, 1.0)
+  per_sequence = e / num_experts_per_tok * dot / jnp.square(safe_len)[:, None]
+  per_sequence = jnp.where(has_tokens[:, None], per_sequence, 0.0)
+  return jnp.sum(per_sequence, axis=0), jnp.sum(has_tokens)
 
 
 def sequence_balance_loss(scores: jax.Array, expert_ids: jax.Array, segment_ids: jax.Array,
@@ -93,31 +109,20 @@ def sequence_balance_loss(scores: jax.Array, expert_ids: jax.Array, segment_ids:
   ignored. Uniform routing gives 1. The caller multiplies by the weight alpha.
 
   scores float[L,M,E] (unbiased router scores), expert_ids int[L,M,K],
-  segment_ids int[B,T] with M = B*T, token_mask [B,T] or [M] (optional).
+  segment_ids int[B,T] with M = B*T, token_mask [B,T] or [M] (optional). Computed row by
+  row (a sequence never crosses rows), so a batch split over devices stays split.
   """
   layers, m, e = scores.shape
   if segment_ids.size != m or expert_ids.shape[:2] != (layers, m):
     raise ValueError(f"scores {scores.shape} and expert_ids {expert_ids.shape} must be [L,B*T,.] "
                      f"for segment_ids {segment_ids.shape}; pass the routing of this batch.")
-  valid = _token_mask(token_mask, segment_ids)
-  seq = _sequence_index(segment_ids)
-  lengths = jax.ops.segment_sum(valid, seq, num_segments=m)  # T_s, [M] (most are empty)
-
-  scores = scores.astype(jnp.float32)
-  denom = jnp.maximum(jnp.sum(scores, axis=-1, keepdims=True), 1e-30)
-  probs = jnp.where(valid[None, :, None] > 0, scores / denom, 0.0)
-  prob_sum = jax.ops.segment_sum(jnp.moveaxis(probs, 1, 0), seq, num_segments=m)  # [M,L,E]
-
-  # sum_i count_i * prob_sum_i as a gather at each token's chosen experts: no [L,M,E] counts.
-  chosen = prob_sum[seq[None, :, None], jnp.arange(layers)[:, None, None], expert_ids]
-  per_token = jnp.sum(chosen, axis=-1) * valid[None]  # [L,M]
-  dot = jax.ops.segment_sum(per_token.T, seq, num_segments=m)  # [M,L]
-
-  has_tokens = lengths > 0
-  safe_len = jnp.where(has_tokens, lengths, 1.0)
-  per_sequence = e / num_experts_per_tok * dot / jnp.square(safe_len)[:, None]
-  per_sequence = jnp.where(has_tokens[:, None], per_sequence, 0.0)
-  return jnp.sum(per_sequence, axis=0) / jnp.maximum(jnp.sum(has_tokens), 1)
+  b, t = segment_ids.shape
+  valid = _token_mask(token_mask, segment_ids).reshape(b, t)
+  rows = jax.vmap(_row_balance, in_axes=(1, 1, 0, 0, None))
+  total, sequences = rows(scores.astype(jnp.float32).reshape(layers, b, t, e),
+                          expert_ids.reshape(layers, b, t, -1), segment_ids, valid,
+                          num_experts_per_tok)
+  return jnp.sum(total, axis=0) / jnp.maximum(jnp.sum(sequences), 1)
 
 
 def expert_load(expert_ids: jax.Array, num_experts: int, token_mask: jax.Array | None = None

@@ -89,7 +89,8 @@ def check_same_architecture(expected: ModelConfig, found: ModelConfig, path: str
   """Raises ValueError listing the fields where the checkpoint's model differs."""
   found = found.replace(**_runtime_overrides(expected))
   if found.moe is not None and expected.moe is not None:
-    found = found.replace(moe=dataclasses.replace(found.moe, impl=expected.moe.impl))
+    found = found.replace(moe=dataclasses.replace(
+        found.moe, impl=expected.moe.impl, capacity_factor=expected.moe.capacity_factor))
   found = found.replace(mla=dataclasses.replace(found.mla,
                                                 attention_impl=expected.mla.attention_impl))
   a, b = expected.to_dict(), found.to_dict()

@@ -85,6 +85,8 @@ def _micro_loss(params, router_bias, graphdef, batch: Batch, w: _Weights, s: Ste
   loads, balance = {}, jnp.zeros(())
   if out.routing is not None:
     balance, loads["main"] = _routing_terms(out.routing, batch["segment_ids"], moe, s)
+    if out.routing.dropped is not None:  # expert parallelism with a capacity factor
+      aux["moe_dropped_fraction"] = jnp.mean(out.routing.dropped) / w.micro_batches
   if len(w.mtp):
     mtp_loss = jnp.zeros(())
     outputs = model.mtp_forward(batch["inputs"], out.hidden, batch["positions"],

@@ -186,3 +186,16 @@ def test_tiny_train_step_compiles_for_h100():
                                          topology.devices, "train"), topology)
   assert report.fits and report.devices == 8 and report.device_kind.startswith("NVIDIA H100")
   assert 0 < report.bytes_per_device < report.hbm_bytes_per_device
+
+
+def test_ragged_all_to_all_counts_the_rows_it_sends_not_its_buffer():
+  text = """ENTRY %main (p: bf16[16,128]) -> bf16[64,128] {
+  %p = bf16[16,128]{1,0} parameter(0)
+  %z = bf16[64,128]{1,0} broadcast(bf16[] constant(0))
+  %o = s32[4]{0} parameter(1)
+  ROOT %r = bf16[64,128]{1,0} ragged-all-to-all(%p, %z, %o, %o, %o, %o), channel_id=1
+}
+"""
+  found = hlo.collectives(text)
+  assert found.count == {"ragged-all-to-all": 1}
+  assert found.bytes["ragged-all-to-all"] == 16 * 128 * 2  # the operand, not the 64-row buffer

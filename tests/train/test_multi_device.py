@@ -137,6 +137,9 @@ def test_fsdp_shards_the_model_dim(report):
     layout = params[key]
     assert layout["spec"][dim] == "fsdp", (key, layout)
     assert layout["shard_shapes"][0][dim] == d // 8, (key, layout)
+  # Weights without a model dim are FSDP-sharded on their low-rank dim.
+  for key in ("moe_layers/blocks/attn/wq_b", "moe_layers/blocks/attn/wkv_b"):
+    assert params[key]["spec"][1] == "fsdp", (key, params[key])
   # The experts dim's axis (expert) has size 1 here: every device holds all experts.
   w1 = params["moe_layers/blocks/ffn/w1"]
   assert w1["shard_shapes"][0][1] == report["model"]["moe"]["n_routed_experts"]
