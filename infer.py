@@ -8,6 +8,9 @@
 directory. A single --prompt streams its completion to stdout; --prompts_file (JSONL, one
 {"prompt": ...} per line) runs as one batch and writes {"prompt", "completion", "tokens"} lines.
 Decoding is greedy by default. Statistics go to stderr; bad input stops with one `error:` line.
+Under a multi-host launch (--distributed, or --coordinator_address --num_processes --process_id,
+as train.py) every process generates the same tokens with its own copy of the model on its
+first local device, and process 0 alone writes the output.
 """
 
 import contextlib
@@ -42,6 +45,12 @@ flags.DEFINE_enum("chat_template", "auto", ["auto", "on", "off"],
                   "Chat template of the tokenizer: auto (apply when present), on, off.")
 flags.DEFINE_bool("traceback", False, "Show the full traceback of errors.")
 flags.DEFINE_bool("verbose", False, "Show library INFO logs (Orbax).")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-host runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_bool("distributed", False, "Multi-host run on a cluster JAX detects (TPU pod, "
+                  "SLURM, Open MPI).")
+flags.DEFINE_integer("initialization_timeout", 300, "Seconds for all processes to connect.")
 FLAGS = flags.FLAGS
 
 
@@ -63,17 +72,21 @@ def run() -> None:
   # Imported here so that --help is fast; bad input fails before any weights are read.
   from dsjax.infer import Generator, SamplingParams, cli_io
   from dsjax.infer.load import load_for_inference
+  from dsjax.parallel import distributed
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         auto=FLAGS.distributed, timeout_s=FLAGS.initialization_timeout)
+  primary = distributed.is_primary()
   prompts = ([FLAGS.prompt] if FLAGS.prompt is not None
              else cli_io.read_prompts_file(FLAGS.prompts_file))
   SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)  # raises on invalid values
   speculative = "mtp" if FLAGS.speculative else None
   if speculative and FLAGS.temperature > 0:
     raise ValueError("--speculative decodes greedily; set --temperature=0 or drop --speculative.")
-  model, tokenizer, eos_id, template, description = load_for_inference(
-      FLAGS.checkpoint, FLAGS.step, FLAGS.tokenizer, FLAGS.dtype)
+  model, tokenizer, eos_id, template, description = distributed.agree(
+      "load", load_for_inference, FLAGS.checkpoint, FLAGS.step, FLAGS.tokenizer, FLAGS.dtype)
   template = cli_io.choose_template(template, FLAGS.chat_template)
   ids = [cli_io.encode_prompt(tokenizer, p, template) for p in prompts]
-  stream = cli_io.TextStream(tokenizer, eos_id) if FLAGS.prompt is not None else None
+  stream = cli_io.TextStream(tokenizer, eos_id) if FLAGS.prompt is not None and primary else None
   on_tokens = (lambda row, new: stream.add(new)) if stream is not None else None
   chunk = {} if FLAGS.decode_chunk is None else {"decode_chunk": FLAGS.decode_chunk}
   generator = Generator(model, attn_impl=FLAGS.attn_impl, layout=FLAGS.layout, **chunk)
@@ -81,6 +94,8 @@ def run() -> None:
   result = generator.generate(
       ids, FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.seed,
       eos_id, speculative, on_tokens=on_tokens)
+  if not primary:
+    return
   if stream is not None:
     stream.finish()
   else:
@@ -95,13 +110,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}; prompts go in --prompt.")
   logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
+  from dsjax.parallel import distributed
   try:
     run()
-  except (ValueError, FileNotFoundError) as error:
+  except distributed.USER_ERRORS as error:
     if FLAGS.traceback:
       raise
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    distributed.exit_process(1)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,12 @@
   python train.py --config=configs/tiny.py --workdir=runs/exp --config.train.steps=500
   python train.py --config.mesh.fsdp=8 --config.model.dtype=bfloat16
 
-Re-running the same command with the same --workdir resumes from its latest checkpoint.
-Bad settings stop with one `error:` line before anything in the workdir changes.
+  python train.py --distributed ...                 # every host of a TPU pod / SLURM job
+  python train.py --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0 ...
+
+Re-running the same command with the same --workdir resumes from its latest readable
+checkpoint. Bad settings stop with one `error:` line (on every process) before anything in the
+workdir changes, as does a second run on a workdir in use.
 """
 
 import os
@@ -14,12 +18,21 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.",
+# Found from any working directory: the default is next to this file.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
+config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl, TensorBoard); "
                     "default: runs/<config file name>.")
 flags.DEFINE_bool("traceback", False, "Show the full traceback of setting errors.")
 flags.DEFINE_bool("verbose", False, "Show library INFO logs (Orbax, Grain).")
+# Multi-host runs (jax.distributed.initialize's argument names); every process runs the command.
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-host runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_bool("distributed", False, "Multi-host run on a cluster JAX detects (TPU pod, "
+                  "SLURM, Open MPI): jax.distributed.initialize() finds the rest.")
+flags.DEFINE_integer("initialization_timeout", 300, "Seconds for all processes to connect.")
 FLAGS = flags.FLAGS
 
 
@@ -27,17 +40,20 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
   # Imported here so that --help is fast and XLA flags set by the caller apply.
+  from dsjax.parallel import distributed
   from dsjax.train.loop import TrainingDiverged, train
   config_path = config_flags.get_config_filename(FLAGS["config"])
   workdir = FLAGS.workdir or os.path.join(
       "runs", os.path.splitext(os.path.basename(config_path))[0])
   try:
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           auto=FLAGS.distributed, timeout_s=FLAGS.initialization_timeout)
     train(FLAGS.config, workdir)
-  except (ValueError, FileNotFoundError, TrainingDiverged) as error:
+  except (*distributed.USER_ERRORS, TrainingDiverged) as error:
     if FLAGS.traceback:
       raise
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    distributed.exit_process(1)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dsjax.config import ModelConfig
 from dsjax.data.tokenizer import Tokenizer, make_tokenizer
 from dsjax.infer.cli_io import ChatTemplate
 from dsjax.model.transformer import Transformer
-from dsjax.train.checkpointing import flatten_by_name
+from dsjax.train.checkpointing import flatten_by_name, one_line, quiet_failed_reads
 from dsjax.train.state import split_model
 
 EXPERIMENT_FILE = "experiment.json"      # written by dsjax.train.loop
@@ -133,8 +133,11 @@ def _restore_model(state_dir: Path, cfg: ModelConfig) -> Transformer:
 
 def _partial_restore(handler, state_dir: Path, flat: dict[str, Any]) -> dict[str, jax.Array]:
   """{name: array} of the names in `flat` (ShapeDtypeStructs), checked against the files."""
-  stored = handler.metadata(state_dir)
-  stored = dict(getattr(stored, "tree", stored))
+  try:
+    stored = handler.metadata(state_dir)
+    stored = dict(getattr(stored, "tree", stored))
+  except Exception as e:  # pylint: disable=broad-except  # a missing or corrupt _METADATA
+    raise _unreadable(state_dir, e) from e
   missing = sorted(n for n in flat if n not in stored)
   wrong = sorted(n for n in flat if n in stored
                  and tuple(stored[n].shape) != tuple(flat[n].shape))
@@ -144,11 +147,26 @@ def _partial_restore(handler, state_dir: Path, flat: dict[str, Any]) -> dict[str
                      f"{EXPERIMENT_FILE} ({len(missing)} missing and {len(wrong)} differently "
                      f"shaped leaves, e.g. {listed}); was the workdir reused with another "
                      "config?")
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  # This process's own device: in a multi-host launch every process holds its own copy.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device) for n, x in flat.items()}
-  return handler.restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True))
+  try:
+    return handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except  # tensorstore's errors are plain
+    raise _unreadable(state_dir, e) from e
+
+
+def _unreadable(state_dir: Path, error: BaseException) -> ValueError:
+  """One line naming the checkpoint that cannot be read and how to pick another."""
+  quiet_failed_reads()
+  step_dir = state_dir.parent
+  older = [s for s in checkpoint_steps(step_dir.parent.parent) if s < int(step_dir.name)]
+  detail = one_line(error)
+  pick = (f"pass --step={older[-1]} (or another of {older}) to load an older one"
+          if older else "no older checkpoint is left; train again")
+  return ValueError(f"Checkpoint {step_dir} cannot be read ({detail}); {pick}.")
 
 
 def _load_workdir(workdir: Path, step: int | None, tokenizer_spec: str | None) -> Loaded:

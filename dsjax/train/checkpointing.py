@@ -5,15 +5,21 @@ Layout of `<directory>/<step>/`:
   state/  the train state as a flat {leaf name: array} dict (names from the pytree key paths,
           e.g. "params.layers.0.attn.wq.value"); typed PRNG keys are stored as their raw key
           data and re-wrapped on restore, so callers pass and get back `jax.random.key` arrays.
-  data/   the data iterator's `get_state()` dict (JSON).
+  data/   the data iterator's `get_state()` dict (JSON); in a multi-process run one file per
+          process (`process_<i>_of_<n>.json`), each process's own share of the data.
   meta/   {"step", "eval_loss", "key_impls"} (JSON).
   metrics/ {"eval_loss"} for steps that had one; Orbax reads it back to rank checkpoints.
 
 Orbax writes a step under `<step>.orbax-checkpoint-tmp` and renames it to `<step>` once every
 file is written, so a process killed mid-save leaves only that temporary directory: Orbax does
-not list it as a step, and the next TrainCheckpointer on the directory deletes it. One process
+not list it as a step, and the next TrainCheckpointer on the directory deletes it. One run
 writes a directory at a time: opening a second TrainCheckpointer on it deletes the first one's
-in-flight save.
+in-flight save, so train.py holds the workdir's lock (dsjax.train.workdir_lock) while it
+trains. In a multi-process run every process saves and restores its shards of the same step
+(Orbax's collective save; process 0 writes the metadata and commits).
+
+A checkpoint that cannot be read (a truncated or missing file) raises UnreadableCheckpoint;
+`restore_newest_readable` then falls back to the newest one that can be read.
 """
 
 from __future__ import annotations
@@ -23,15 +29,27 @@ import logging
 import math
 import os
 import shutil
-from typing import Any
+import sys
+import threading
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from dsjax.parallel import distributed
+
 _STATE, _DATA, _META = "state", "data", "meta"
 # How many mismatching leaves an error message lists before summarising the rest.
 _MAX_LISTED = 4
+
+
+class UnreadableCheckpoint(ValueError):
+  """A checkpoint whose files cannot be read (truncated, missing, not Orbax's format)."""
+
+  def __init__(self, step: int, message: str):
+    super().__init__(message)
+    self.step = step
 
 
 class _DropNoMetricsWarning(logging.Filter):
@@ -42,6 +60,45 @@ class _DropNoMetricsWarning(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_DropNoMetricsWarning())
+
+
+# Set once a restore failed: the reads still in flight then end in Orbax's closed asyncio loop,
+# each printing a traceback (a callback into the closed loop from tensorstore's threads, a
+# coroutine's or future's exception never retrieved). The failure itself is reported once;
+# that noise is dropped.
+_RESTORE_FAILED = threading.Event()
+
+
+def _drop_failed_read_noise(hook):
+  def filtered(unraisable):
+    if not _RESTORE_FAILED.is_set():
+      hook(unraisable)
+  return filtered
+
+
+class _DropFailedReadFutures(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (_RESTORE_FAILED.is_set()
+                and "exception was never retrieved" in record.getMessage())
+
+
+def _drop_closed_loop_callbacks(hook):
+  def filtered(args):
+    closed = isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(
+        args.exc_value)
+    if not (_RESTORE_FAILED.is_set() and closed):
+      hook(args)
+  return filtered
+
+
+sys.unraisablehook = _drop_failed_read_noise(sys.unraisablehook)
+threading.excepthook = _drop_closed_loop_callbacks(threading.excepthook)
+logging.getLogger("asyncio").addFilter(_DropFailedReadFutures())
+
+
+def quiet_failed_reads() -> None:
+  """Call once an Orbax restore failed: drops the tracebacks of its reads still in flight."""
+  _RESTORE_FAILED.set()
 
 
 def _is_key(x) -> bool:
@@ -76,7 +133,7 @@ def _to_target(leaf) -> jax.ShapeDtypeStruct:
   sharding = getattr(leaf, "sharding", None)
   if sharding is None:
     # Orbax restores sharding-less targets as host numpy arrays; keep them on a device.
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if _is_key(leaf):
     # NamedSharding / SingleDeviceSharding also fit the key data's extra trailing axis.
     data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
@@ -105,11 +162,32 @@ def _mismatch(stored: dict[str, Any], target: dict[str, jax.ShapeDtypeStruct]) -
 
 
 def _remove_unfinished_saves(directory: str) -> None:
-  """Deletes the temporary step directories left by a process killed while saving."""
-  if jax.process_index() != 0 or not os.path.isdir(directory):
-    return
-  for tmp in ocp.path.step.all_temporary_paths(directory):
-    shutil.rmtree(os.fspath(tmp.get()), ignore_errors=True)
+  """Deletes the temporary step directories left by a process killed while saving (process 0;
+  the others wait, so that none lists a directory being deleted)."""
+  if jax.process_index() == 0 and os.path.isdir(directory):
+    for tmp in ocp.path.step.all_temporary_paths(directory):
+      shutil.rmtree(os.fspath(tmp.get()), ignore_errors=True)
+  distributed.wait_for_all("removed unfinished checkpoint saves")
+
+
+def _data_handler() -> ocp.JsonCheckpointHandler:
+  """The data item's handler: each process's iterator state is its own (its share of the
+  batches), so in a multi-process run every process writes its own file."""
+  count = jax.process_count()
+  if count == 1:
+    return ocp.JsonCheckpointHandler()  # data/metadata, as single-process runs always wrote
+  return ocp.JsonCheckpointHandler(
+      filename=f"process_{jax.process_index()}_of_{count}.json",
+      multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None))
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+  """The root cause of `error` on one line (tensorstore's is the one that names the file)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = " ".join(str(error).split())
+  text = text if len(text) <= limit else text[:limit] + "..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class TrainCheckpointer:
@@ -142,7 +220,7 @@ class TrainCheckpointer:
         cleanup_tmp_directories=False,
         enable_async_checkpointing=async_save,
         create=True)
-    handlers = {_STATE: ocp.StandardCheckpointHandler(), _DATA: ocp.JsonCheckpointHandler(),
+    handlers = {_STATE: ocp.StandardCheckpointHandler(), _DATA: _data_handler(),
                 _META: ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=handlers)
@@ -188,7 +266,8 @@ class TrainCheckpointer:
 
     `abstract_state` is the train state's structure: jax.ShapeDtypeStruct leaves (or concrete
     arrays); arrays are restored with their `.sharding` (first device where it is None) and
-    dtype, and typed PRNG keys come back as keys.
+    dtype, and typed PRNG keys come back as keys. Raises ValueError when the checkpoint holds
+    another structure (another config) and UnreadableCheckpoint when its files cannot be read.
     """
     self.wait()
     step = self._resolve_step(step)
@@ -199,8 +278,8 @@ class TrainCheckpointer:
                                  _DATA: ocp.args.JsonRestore(), _META: ocp.args.JsonRestore()})
     try:
       restored = self._manager.restore(step, args=args)
-    except (ValueError, KeyError, TypeError) as e:
-      raise self._config_error(step, f"{type(e).__name__}: {str(e)[:300]}") from e
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore's errors are plain
+      raise self._unreadable(step, e) from e
     flat = dict(restored[_STATE])
     key_impls = restored[_META].get("key_impls", {})
     for name in (n for n, x in flat_abstract.items() if _is_key(x)):
@@ -210,6 +289,33 @@ class TrainCheckpointer:
       flat[name] = jax.random.wrap_key_data(flat[name], impl=key_impls[name])
     state = jax.tree_util.tree_unflatten(treedef, [flat[n] for n in flat_abstract])
     return state, dict(restored[_DATA])
+
+  def restore_newest_readable(self, abstract_state, warn: Callable[[str], None]
+                              ) -> tuple[int, Any, dict] | None:
+    """(step, state, data_state) of the newest checkpoint that can be read, or None when there
+    is none. Each unreadable newer one is skipped with one `warn` line naming it and is left
+    as it is; if every checkpoint is unreadable, raises UnreadableCheckpoint. Processes agree
+    on each attempt, so all restore the same step (or all stop with the same error)."""
+    steps, skipped = self.all_steps(), []
+    for step in reversed(steps):
+      try:
+        state, data_state = distributed.agree(f"restore step {step}", self.restore,
+                                              abstract_state, step)
+      except (UnreadableCheckpoint, distributed.SetupError) as e:
+        if getattr(e, "kind", UnreadableCheckpoint.__name__) != UnreadableCheckpoint.__name__:
+          raise
+        skipped.append(step)
+        older = [s for s in steps if s < step]
+        then = f"resuming from step {older[-1]}" if older else "no older checkpoint left"
+        warn(f"warning: {e}; {then}. The unreadable checkpoint is left in place (move it out "
+             f"of {self.directory} to have this run save step {step} again).")
+        continue
+      return step, state, data_state
+    if skipped:
+      raise UnreadableCheckpoint(skipped[0], f"No checkpoint in {self.directory} can be read "
+                                 f"(steps {skipped}); move them away to train from scratch, or "
+                                 "use a new --workdir.")
+    return None
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are committed (and old steps deleted)."""
@@ -238,10 +344,19 @@ class TrainCheckpointer:
     return int(step)
 
   def _check_fits(self, step: int, target: dict[str, jax.ShapeDtypeStruct]) -> None:
-    stored = self._manager.item_metadata(step)[_STATE]
-    problem = _mismatch(dict(getattr(stored, "tree", stored)), target)
+    try:
+      stored = self._manager.item_metadata(step)[_STATE]
+      stored = dict(getattr(stored, "tree", stored))
+    except Exception as e:  # pylint: disable=broad-except  # a missing or corrupt _METADATA
+      raise self._unreadable(step, e) from e
+    problem = _mismatch(stored, target)
     if problem:
       raise self._config_error(step, problem)
+
+  def _unreadable(self, step: int, error: BaseException) -> UnreadableCheckpoint:
+    quiet_failed_reads()
+    return UnreadableCheckpoint(step, f"checkpoint step {step} in {self.directory} cannot be "
+                                f"read ({one_line(error)})")
 
   def _config_error(self, step: int, detail: str) -> ValueError:
     return ValueError(

@@ -1,8 +1,14 @@
 """The training loop: start or resume, step, log, evaluate, checkpoint, sample.
 
 `train(cfg, workdir)` is what `python train.py` runs. Re-running it with the same workdir
-resumes from the latest complete checkpoint (params, optimizer state, router biases, step, RNG
-and data-iterator position), and the resumed run's losses equal an uninterrupted run's.
+resumes from the newest readable checkpoint (params, optimizer state, router biases, step, RNG
+and data-iterator position), and the resumed run's losses equal an uninterrupted run's. A
+second run on a workdir in use stops (WorkdirLock).
+
+Multi-process runs (after dsjax.parallel.distributed.initialize) run this on every process:
+each loads its share of every global batch, all save and restore the same checkpoints
+together, and process 0 alone writes metrics.jsonl, TensorBoard, experiment.json and the
+console output. Set-up steps that can fail are agreed on, so all processes stop alike.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import numpy as np
 from flax import nnx
 
 from dsjax.infer.generation import Generator
+from dsjax.parallel import distributed
 from dsjax.train.checkpointing import TrainCheckpointer
+from dsjax.train.workdir_lock import WorkdirLock
 from dsjax.train.flops import peak_flops, train_flops_per_token
 from dsjax.train.metrics import MetricsWriter
 from dsjax.train.progress import ProgressBar
@@ -35,17 +43,38 @@ class TrainingDiverged(RuntimeError):
 
 
 def _device_batch(run: Run, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  """The process-local numpy batch as global arrays sharded over the mesh's batch axes."""
-  return {k: jax.make_array_from_process_local_data(run.batch_sharding, np.asarray(v))
-          for k, v in batch.items()}
+  """The process-local numpy batch (this process's equal share of the rows) as global arrays
+  sharded over the mesh's batch axes."""
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+    out[key] = jax.make_array_from_process_local_data(run.batch_sharding, value, global_shape)
+  return out
+
+
+def _build_run(cfg: ml_collections.ConfigDict, devices) -> Run:
+  """build_run, plus the multi-process condition that each process's devices hold exactly
+  its share of a batch's rows (the share its data pipeline loads)."""
+  run = build_run(cfg, devices)
+  rows, processes = cfg.train.batch_size, jax.process_count()
+  local = run.batch_sharding.addressable_devices_indices_map((rows, cfg.train.seq_len))
+  held = len({r for index in local.values() for r in range(rows)[index[0]]})
+  if held != rows // processes:
+    raise ValueError(
+        f"The mesh {dict(run.mesh.shape)} puts {held} of a batch's {rows} rows on each "
+        f"process's devices, but each of the {processes} processes loads {rows // processes}: "
+        f"split the batch over the processes (--config.mesh.data, fsdp or expert a multiple "
+        f"of {processes}).")
+  return run
 
 
 def _initial_state(run: Run, checkpointer: TrainCheckpointer, iterator, log) -> TrainState:
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, data_state = checkpointer.restore(run.abstract_state, latest)
-    iterator.set_state(data_state)
-    log(f"Resumed from step {latest} ({checkpointer.directory}).")
+  restored = checkpointer.restore_newest_readable(run.abstract_state, warn=log)
+  if restored is not None:
+    step, state, data_state = restored
+    distributed.agree("data iterator state", iterator.set_state, data_state)
+    log(f"Resumed from step {step} ({checkpointer.directory}).")
     return state
   init_from = run.cfg.train.init_from
   if init_from:
@@ -126,22 +155,44 @@ def _print_sample(run: Run, state: TrainState, log) -> str | None:
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, devices=None,
           log=print) -> dict[str, Any]:
   """Trains (or resumes) the experiment `cfg` in `workdir`; returns a summary dict."""
-  run = build_run(cfg, devices)          # all validation happens before the workdir is used
+  primary = distributed.is_primary()
+  log = log if primary else (lambda *_: None)
   workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  distributed.check_same("experiment config or --workdir", f"{workdir}\n{cfg.to_json()}")
+  # All validation happens before the workdir is used.
+  run = distributed.agree("set-up", _build_run, cfg, devices)
+  lock = WorkdirLock(workdir)
+  note = distributed.agree("workdir lock", _lock, lock, primary_only=True)
+  if note:
+    log(note)
+  try:
+    return _train_in(run, workdir, primary, log)
+  finally:
+    lock.release()
+
+
+def _lock(lock: WorkdirLock) -> str | None:
+  lock.path.parent.mkdir(parents=True, exist_ok=True)
+  return lock.acquire()
+
+
+def _train_in(run: Run, workdir: Path, primary: bool, log) -> dict[str, Any]:
+  cfg = run.cfg
   checkpointer = TrainCheckpointer(workdir / CHECKPOINT_DIR, keep=cfg.train.keep_checkpoints,
                                    async_save=cfg.train.async_checkpoint)
   iterator, writer = run.data.train_iterator(), None
   try:
     state = _initial_state(run, checkpointer, iterator, log)
-    _write_experiment(workdir, run)
+    if primary:
+      _write_experiment(workdir, run)
     start = int(state.step)
     log(f"dsjax: {run.model_cfg.num_hidden_layers}-layer model, mesh {dict(run.mesh.shape)}, "
         f"batch {cfg.train.batch_size}x{cfg.train.seq_len}, steps {start}->{cfg.train.steps}, "
-        f"workdir {workdir}")
+        f"workdir {workdir}" + (f", {jax.process_count()} processes"
+                                if jax.process_count() > 1 else ""))
     log(run.data.describe())
-    writer = MetricsWriter(workdir, resume_step=start)
-    state, summary = _loop(run, state, iterator, checkpointer, writer, start, log)
+    writer = MetricsWriter(workdir, resume_step=start, enabled=primary)
+    state, summary = _loop(run, state, iterator, checkpointer, writer, start, log, primary)
   finally:
     iterator.close()
     if writer is not None:
@@ -164,9 +215,10 @@ def _check_finite(state: TrainState, step: int, limit: int, checkpointer) -> Non
         "--config.optimizer.warmup_steps or check the data.")
 
 
-def _loop(run: Run, state: TrainState, iterator, checkpointer, writer, start: int, log):
+def _loop(run: Run, state: TrainState, iterator, checkpointer, writer, start: int, log,
+          primary: bool = True):
   t = run.cfg.train
-  bar, throughput = ProgressBar(t.steps, start), _Throughput(run)
+  bar, throughput = ProgressBar(t.steps, start, enabled=primary), _Throughput(run)
   pending, record = [], {}
   for step in range(start, t.steps):
     batch = _device_batch(run, next(iterator))

@@ -1,7 +1,8 @@
 """Training metrics: `metrics.jsonl` (one JSON object per logged step) and TensorBoard events.
 
 On resume the log is cut back to the restored step, so every step appears once and a resumed
-run's log reads exactly like an uninterrupted one.
+run's log reads exactly like an uninterrupted one. In a multi-process run only process 0 writes
+(`enabled=False` elsewhere: the records are still built, nothing is written).
 """
 
 from __future__ import annotations
@@ -37,13 +38,16 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 class MetricsWriter:
-  """Appends metric records to metrics.jsonl and TensorBoard (tensorboardX when installed)."""
+  """Appends metric records to metrics.jsonl and TensorBoard (tensorboardX when installed);
+  with `enabled=False` it only builds the records."""
 
-  def __init__(self, workdir: str | os.PathLike, resume_step: int = 0):
+  def __init__(self, workdir: str | os.PathLike, resume_step: int = 0, enabled: bool = True):
     self.path = Path(workdir) / METRICS_FILE
-    self._truncate_after(resume_step)
-    self._file = open(self.path, "a", encoding="utf-8")
-    self._tb = self._tensorboard(Path(workdir) / "tensorboard")
+    self._file = self._tb = None
+    if enabled:
+      self._truncate_after(resume_step)
+      self._file = open(self.path, "a", encoding="utf-8")
+      self._tb = self._tensorboard(Path(workdir) / "tensorboard")
 
   def _truncate_after(self, step: int) -> None:
     """Drops records past `step`: they belong to steps that the resumed run will redo."""
@@ -65,6 +69,8 @@ class MetricsWriter:
   def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
     """Records `metrics` at `step`; array metrics (per layer) go to TensorBoard per index."""
     record = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
+    if self._file is None:
+      return record
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -76,6 +82,7 @@ class MetricsWriter:
     return record
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()

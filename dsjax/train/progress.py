@@ -1,5 +1,6 @@
 """A one-line console progress bar: step, loss, lr, tokens/s and ETA. On a terminal it redraws
-in place; in a log file (no tty) it prints one line per update."""
+in place; in a log file (no tty) it prints one line per update. `enabled=False` (the processes
+other than 0 of a multi-process run) prints nothing."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ def _duration(seconds: float) -> str:
 class ProgressBar:
   """`update(step, loss=..., lr=..., tokens_per_sec=...)` after steps; `close()` at the end."""
 
-  def __init__(self, total_steps: int, start_step: int = 0, width: int = 24, stream=None):
+  def __init__(self, total_steps: int, start_step: int = 0, width: int = 24, stream=None,
+               enabled: bool = True):
     self.total, self.start, self.width = total_steps, start_step, width
-    self.stream = stream or sys.stdout
+    self.stream = (stream or sys.stdout) if enabled else None
     self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
     self.t0 = time.perf_counter()
 
@@ -35,6 +37,8 @@ class ProgressBar:
     return "  ".join(parts)
 
   def update(self, step: int, **values: float) -> None:
+    if self.stream is None:
+      return
     text = self.line(step, **values)
     if self.tty:
       self.stream.write("\r" + text + "\x1b[K")
@@ -44,6 +48,8 @@ class ProgressBar:
 
   def message(self, text: str) -> None:
     """Prints `text` on its own line without breaking the bar."""
+    if self.stream is None:
+      return
     self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
     self.stream.flush()
 

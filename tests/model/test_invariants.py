@@ -52,11 +52,12 @@ def test_every_variable_has_logical_axes_of_its_rank(model):
     assert all(a is None or a in LOGICAL_AXES for a in axes), (path, axes)
     if path[0] in ("dense_layers", "moe_layers"):
       assert axes[0] == "layers", path
-  # Under the default rules experts land on `expert`, heads and expert hidden dims on `tensor`.
+  # Under the default rules experts land on `expert`, heads and expert hidden dims on `tensor`,
+  # and the MLA low-rank dims (like `embed`) on `fsdp`.
   specs = dict(nnx.to_flat_state(state_partition_specs(nnx.state(model))))
   spec = lambda *path: tuple(specs[path])  # noqa: E731
   assert spec("moe_layers", "blocks", "ffn", "w1") == (None, "expert", "fsdp", "tensor")
-  assert spec("moe_layers", "blocks", "attn", "wq_b") == (None, None, "tensor", None)
+  assert spec("moe_layers", "blocks", "attn", "wq_b") == (None, "fsdp", "tensor", None)
   assert spec("embed",) == ("tensor", "fsdp")
 
 
