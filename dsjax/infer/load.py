@@ -27,7 +27,8 @@ from dsjax.config import ModelConfig
 from dsjax.data.tokenizer import Tokenizer, make_tokenizer
 from dsjax.infer.cli_io import ChatTemplate
 from dsjax.model.transformer import Transformer
-from dsjax.train.checkpointing import flatten_by_name, one_line, quiet_failed_reads
+from dsjax.train.checkpointing import flatten_by_name, one_line
+from dsjax.train.read_noise import quiet_failed_reads
 from dsjax.train.state import split_model
 
 EXPERIMENT_FILE = "experiment.json"      # written by dsjax.train.loop
@@ -134,7 +135,8 @@ def _restore_model(state_dir: Path, cfg: ModelConfig) -> Transformer:
 def _partial_restore(handler, state_dir: Path, flat: dict[str, Any]) -> dict[str, jax.Array]:
   """{name: array} of the names in `flat` (ShapeDtypeStructs), checked against the files."""
   try:
-    stored = handler.metadata(state_dir)
+    with quiet_failed_reads():
+      stored = handler.metadata(state_dir)
     stored = dict(getattr(stored, "tree", stored))
   except Exception as e:  # pylint: disable=broad-except  # a missing or corrupt _METADATA
     raise _unreadable(state_dir, e) from e
@@ -151,16 +153,16 @@ def _partial_restore(handler, state_dir: Path, flat: dict[str, Any]) -> dict[str
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device) for n, x in flat.items()}
   try:
-    return handler.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
+    with quiet_failed_reads():
+      return handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except  # tensorstore's errors are plain
     raise _unreadable(state_dir, e) from e
 
 
 def _unreadable(state_dir: Path, error: BaseException) -> ValueError:
   """One line naming the checkpoint that cannot be read and how to pick another."""
-  quiet_failed_reads()
   step_dir = state_dir.parent
   older = [s for s in checkpoint_steps(step_dir.parent.parent) if s < int(step_dir.name)]
   detail = one_line(error)

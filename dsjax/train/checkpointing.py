@@ -29,8 +29,6 @@ import logging
 import math
 import os
 import shutil
-import sys
-import threading
 from typing import Any, Callable
 
 import jax
@@ -38,6 +36,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from dsjax.parallel import distributed
+from dsjax.train.read_noise import quiet_failed_reads
 
 _STATE, _DATA, _META = "state", "data", "meta"
 # How many mismatching leaves an error message lists before summarising the rest.
@@ -60,45 +59,6 @@ class _DropNoMetricsWarning(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_DropNoMetricsWarning())
-
-
-# Set once a restore failed: the reads still in flight then end in Orbax's closed asyncio loop,
-# each printing a traceback (a callback into the closed loop from tensorstore's threads, a
-# coroutine's or future's exception never retrieved). The failure itself is reported once;
-# that noise is dropped.
-_RESTORE_FAILED = threading.Event()
-
-
-def _drop_failed_read_noise(hook):
-  def filtered(unraisable):
-    if not _RESTORE_FAILED.is_set():
-      hook(unraisable)
-  return filtered
-
-
-class _DropFailedReadFutures(logging.Filter):
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (_RESTORE_FAILED.is_set()
-                and "exception was never retrieved" in record.getMessage())
-
-
-def _drop_closed_loop_callbacks(hook):
-  def filtered(args):
-    closed = isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(
-        args.exc_value)
-    if not (_RESTORE_FAILED.is_set() and closed):
-      hook(args)
-  return filtered
-
-
-sys.unraisablehook = _drop_failed_read_noise(sys.unraisablehook)
-threading.excepthook = _drop_closed_loop_callbacks(threading.excepthook)
-logging.getLogger("asyncio").addFilter(_DropFailedReadFutures())
-
-
-def quiet_failed_reads() -> None:
-  """Call once an Orbax restore failed: drops the tracebacks of its reads still in flight."""
-  _RESTORE_FAILED.set()
 
 
 def _is_key(x) -> bool:
@@ -277,7 +237,8 @@ class TrainCheckpointer:
     args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target),
                                  _DATA: ocp.args.JsonRestore(), _META: ocp.args.JsonRestore()})
     try:
-      restored = self._manager.restore(step, args=args)
+      with quiet_failed_reads():
+        restored = self._manager.restore(step, args=args)
     except Exception as e:  # pylint: disable=broad-except  # tensorstore's errors are plain
       raise self._unreadable(step, e) from e
     flat = dict(restored[_STATE])
@@ -345,7 +306,8 @@ class TrainCheckpointer:
 
   def _check_fits(self, step: int, target: dict[str, jax.ShapeDtypeStruct]) -> None:
     try:
-      stored = self._manager.item_metadata(step)[_STATE]
+      with quiet_failed_reads():
+        stored = self._manager.item_metadata(step)[_STATE]
       stored = dict(getattr(stored, "tree", stored))
     except Exception as e:  # pylint: disable=broad-except  # a missing or corrupt _METADATA
       raise self._unreadable(step, e) from e
@@ -354,7 +316,6 @@ class TrainCheckpointer:
       raise self._config_error(step, problem)
 
   def _unreadable(self, step: int, error: BaseException) -> UnreadableCheckpoint:
-    quiet_failed_reads()
     return UnreadableCheckpoint(step, f"checkpoint step {step} in {self.directory} cannot be "
                                 f"read ({one_line(error)})")
 

@@ -97,9 +97,13 @@ def test_truncated_latest_checkpoint_is_skipped_and_kept(concurrent, tmp_path):
   workdir = tmp_path / "run"
   subprocess.run(["cp", "-a", str(finished), str(workdir)], check=True)
   expected = losses(workdir)
-  biggest = max((workdir / "checkpoints" / "8" / "state").rglob("*"),
-                key=lambda p: p.stat().st_size if p.is_file() else -1)
-  os.truncate(biggest, biggest.stat().st_size // 2)
+  # Cut every data file of step 8's state in half (which file holds which arrays varies from
+  # save to save, and infer.py reads only the parameters).
+  data_files = [p for p in (workdir / "checkpoints" / "8" / "state").rglob("*")
+                if p.is_file() and p.parent.name == "d"]
+  assert data_files
+  for path in data_files:
+    os.truncate(path, path.stat().st_size // 2)
   bad_before = _snapshot(workdir / "checkpoints" / "8")
   # A SIGKILLed run's lock (a pid that no longer runs) must not block the resume.
   (workdir / LOCK_FILE).write_text(json.dumps(
