@@ -6,7 +6,9 @@ balance alpha 1e-4, bias update gamma 1e-3).
 Pod: trains on a TPU v5p-1024 slice (`python -m dsjax.compile
 --config=configs/deepseek_v3_671b.py --topology=v5p:8x8x8`: 73.0 of 95.7 GiB per chip) with
 one 4096-token sequence per chip, MTP on, remat "full", the experts split 8 ways (expert
-parallelism, dropless) and everything else FSDP-sharded over the other 64. docs/scale.md."""
+parallelism, dropless) and everything else FSDP-sharded over the other 64. The smallest
+slices that fit: v5p-512 (`--topology=v5p:8x8x4`, 94.2 of 95.7 GiB) and tpu7x:4x4x8 (106.5 of
+188.2 GiB); no v6e slice (35 GiB of state per chip). docs/scale.md."""
 
 from dsjax.experiment import experiment_config
 
