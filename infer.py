@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags, logging
 
+from dsjax.parallel import launch_flags
+
 flags.DEFINE_string("checkpoint", None, "train.py workdir or HuggingFace DeepSeek directory.")
 flags.DEFINE_string("prompt", None, "One prompt; its completion is streamed to stdout.")
 flags.DEFINE_string("prompts_file", None, 'JSONL file of {"prompt": "..."} lines, run as a batch.')
@@ -45,12 +47,8 @@ flags.DEFINE_enum("chat_template", "auto", ["auto", "on", "off"],
                   "Chat template of the tokenizer: auto (apply when present), on, off.")
 flags.DEFINE_bool("traceback", False, "Show the full traceback of errors.")
 flags.DEFINE_bool("verbose", False, "Show library INFO logs (Orbax).")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-host runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-flags.DEFINE_bool("distributed", False, "Multi-host run on a cluster JAX detects (TPU pod, "
-                  "SLURM, Open MPI).")
-flags.DEFINE_integer("initialization_timeout", 300, "Seconds for all processes to connect.")
+# Multi-host runs; every process runs the same command.
+launch_flags.define()
 FLAGS = flags.FLAGS
 
 
@@ -73,8 +71,7 @@ def run() -> None:
   from dsjax.infer import Generator, SamplingParams, cli_io
   from dsjax.infer.load import load_for_inference
   from dsjax.parallel import distributed
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                         auto=FLAGS.distributed, timeout_s=FLAGS.initialization_timeout)
+  launch_flags.initialize(FLAGS)
   primary = distributed.is_primary()
   prompts = ([FLAGS.prompt] if FLAGS.prompt is not None
              else cli_io.read_prompts_file(FLAGS.prompts_file))

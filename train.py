@@ -18,6 +18,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dsjax.parallel import launch_flags
+
 # Found from any working directory: the default is next to this file.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
 config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.",
@@ -26,13 +28,8 @@ flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl,
                     "default: runs/<config file name>.")
 flags.DEFINE_bool("traceback", False, "Show the full traceback of setting errors.")
 flags.DEFINE_bool("verbose", False, "Show library INFO logs (Orbax, Grain).")
-# Multi-host runs (jax.distributed.initialize's argument names); every process runs the command.
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-host runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-flags.DEFINE_bool("distributed", False, "Multi-host run on a cluster JAX detects (TPU pod, "
-                  "SLURM, Open MPI): jax.distributed.initialize() finds the rest.")
-flags.DEFINE_integer("initialization_timeout", 300, "Seconds for all processes to connect.")
+# Multi-host runs; every process runs the same command.
+launch_flags.define()
 FLAGS = flags.FLAGS
 
 
@@ -46,8 +43,7 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join(
       "runs", os.path.splitext(os.path.basename(config_path))[0])
   try:
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                           auto=FLAGS.distributed, timeout_s=FLAGS.initialization_timeout)
+    launch_flags.initialize(FLAGS)
     train(FLAGS.config, workdir)
   except (*distributed.USER_ERRORS, TrainingDiverged) as error:
     if FLAGS.traceback:

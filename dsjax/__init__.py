@@ -1,13 +1,30 @@
-"""dsjax: DeepSeek's model family in JAX/Flax NNX."""
+"""dsjax: DeepSeek's model family in JAX/Flax NNX.
 
-from dsjax.checkpoint import load_hf_checkpoint, save_hf_checkpoint
-from dsjax.config import MLAConfig, ModelConfig, MoEConfig, NSAConfig, RopeConfig
-from dsjax.experiment import load_config, load_experiment
-from dsjax.infer import Generator, generate
-from dsjax.model import ModelOutput, Transformer
+The names below load on first use, so that a command line (train.py, infer.py) can import a
+light module of the package, such as dsjax.parallel.launch_flags, before JAX is imported.
+"""
 
-__all__ = [
-    "Generator", "MLAConfig", "ModelConfig", "MoEConfig", "ModelOutput", "NSAConfig",
-    "RopeConfig", "Transformer", "generate", "load_config", "load_experiment",
-    "load_hf_checkpoint", "save_hf_checkpoint",
-]
+import importlib
+
+_EXPORTS = {
+    "load_hf_checkpoint": "dsjax.checkpoint", "save_hf_checkpoint": "dsjax.checkpoint",
+    "MLAConfig": "dsjax.config", "ModelConfig": "dsjax.config", "MoEConfig": "dsjax.config",
+    "NSAConfig": "dsjax.config", "RopeConfig": "dsjax.config",
+    "load_config": "dsjax.experiment", "load_experiment": "dsjax.experiment",
+    "Generator": "dsjax.infer", "generate": "dsjax.infer",
+    "ModelOutput": "dsjax.model", "Transformer": "dsjax.model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'dsjax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_EXPORTS[name]), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_EXPORTS))
