@@ -6,27 +6,28 @@ reported once, as one line, by the caller; this drops that noise.
   with quiet_failed_reads():
     restored = manager.restore(...)
 
-Inside the block, and for a minute after it raised, closed-loop errors from background threads,
-unraisable exceptions and asyncio's "exception was never retrieved" records are dropped; a
-restore that succeeds leaves every hook as it was.
+Inside the block, and for a minute after one raised, closed-loop errors from background threads,
+unraisable exceptions and asyncio's "exception was never retrieved" records are dropped. A
+restore that succeeds right after a failed one (the fallback to an older step) keeps the failed
+one's minute: its abandoned futures are often collected, and logged, only then.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
-import math
 import sys
 import threading
 import time
 
 # How long after a failed restore its reads may still be finishing.
 _AFTER_FAILURE_S = 60.0
-_quiet_until = [0.0]
+_state = {"reads_open": 0, "failure_until": 0.0}
 
 
 def _quiet() -> bool:
-  return time.monotonic() < _quiet_until[0]
+  return _state["reads_open"] > 0 or time.monotonic() < _state["failure_until"]
 
 
 def _closed_loop(error: BaseException | None) -> bool:
@@ -70,10 +71,14 @@ logging.getLogger("asyncio").addFilter(_NeverRetrieved())
 @contextlib.contextmanager
 def quiet_failed_reads():
   """Runs an Orbax read; if it raises, its reads still in flight finish without tracebacks."""
-  _quiet_until[0] = math.inf
+  _state["reads_open"] += 1
   try:
     yield
   except BaseException:
-    _quiet_until[0] = time.monotonic() + _AFTER_FAILURE_S
+    _state["failure_until"] = time.monotonic() + _AFTER_FAILURE_S
+    # Abandoned futures in reference cycles log "never retrieved" when collected: do it now,
+    # inside the window, rather than at some later allocation.
+    gc.collect()
     raise
-  _quiet_until[0] = 0.0
+  finally:
+    _state["reads_open"] -= 1
