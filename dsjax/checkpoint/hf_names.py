@@ -15,6 +15,7 @@ import math
 from typing import Iterator
 
 from dsjax.config import ModelConfig
+from dsjax.model.pattern import layer_path
 
 VEC = 0
 
@@ -101,10 +102,7 @@ def checkpoint_entries(cfg: ModelConfig, existing: set[tuple]) -> Iterator[Entry
   if ("head",) in existing:
     yield Entry(("head",), (), "lm_head.weight", LIN(1))
   for i in range(cfg.num_hidden_layers):
-    if i < cfg.num_dense_layers:
-      stack, j = ("dense_layers", "blocks"), i
-    else:
-      stack, j = ("moe_layers", "blocks"), i - cfg.num_dense_layers
+    stack, j = layer_path(cfg, i)
     yield from _block_entries(f"model.layers.{i}.", stack, (j,), existing, cfg)
   for k in range(cfg.num_mtp_layers):
     prefix = f"model.layers.{cfg.num_hidden_layers + k}."

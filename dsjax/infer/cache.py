@@ -71,7 +71,10 @@ def bytes_per_token_per_layer(cache: DecodeCache) -> float:
   def per_slot(c) -> float:
     growing = (c.k_slc, c.v_slc, c.k_cmp, c.v_cmp) if isinstance(c, NSACache) else c
     return sum(map(nbytes, growing)) / layer_row_slots(growing[0])
-  figures = {per_slot(c) for c in (cache.dense, cache.moe, cache.mtp) if c is not None}
+  def layer_caches(c):
+    return [x for item in c for x in layer_caches(item)] if type(c) is tuple else [c]
+  stacks = [x for c in cache.layers.values() for x in layer_caches(c)]
+  figures = {per_slot(c) for c in stacks + [cache.mtp] if c is not None}
   if len(figures) != 1:
     raise ValueError(f"cache stacks differ in bytes per token per layer: {sorted(figures)}")
   return figures.pop()

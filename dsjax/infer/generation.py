@@ -31,7 +31,8 @@ from dsjax.infer.cache import cache_nbytes, pad_slots
 from dsjax.infer.sampling import SamplingParams, greedy_tokens, sample_next
 from dsjax.infer.weight_layout import (AUTO_MIN_ELEMENTS, out_major_projections,
                                        resolve_projection_layout)
-from dsjax.model.stack import per_layer, unstack_layers
+from dsjax.model.kinds import attention_kind
+from dsjax.model.stack import per_layer_cache, unstack_layers
 from dsjax.model.transformer import DecodeCache, Transformer
 from dsjax.ops.latent_attention import ATTN_IMPLS
 
@@ -111,9 +112,7 @@ def _last_logits(model: Transformer, hidden, lengths) -> jax.Array:
 
 def _per_layer_cache(cache: DecodeCache) -> DecodeCache:
   """The layer stacks' caches (MLA's LatentCache, NSA's NSACache) as PerLayer buffers."""
-  def unstack(c):
-    return c if c is None else type(c)(*map(per_layer, c))
-  return cache._replace(dense=unstack(cache.dense), moe=unstack(cache.moe))
+  return cache._replace(layers={name: per_layer_cache(c) for name, c in cache.layers.items()})
 
 
 def _prefill(graphdef, state, ids, lengths, key, *, slots: int, sampling: SamplingParams,
@@ -320,10 +319,11 @@ class Generator:
     if speculative == "mtp" and not self.has_mtp:
       raise ValueError("speculative='mtp' needs an MTP module, but this model has "
                        "num_mtp_layers=0; turn speculative decoding off.")
-    if speculative == "mtp" and cfg.attention != "mla":
-      raise ValueError(f"speculative='mtp' is not supported for attention={cfg.attention!r}: "
-                       "the MTP module's NSA layer has no decode state; turn speculative "
-                       "decoding off.")
+    mtp_attention = cfg.mtp_spec.attention
+    if speculative == "mtp" and not attention_kind(mtp_attention).drafts_with_mtp:
+      raise ValueError(f"speculative='mtp' is not supported for attention={mtp_attention!r}: "
+                       f"the MTP module's {mtp_attention.upper()} layer has no decode state for "
+                       "MTP drafting; turn speculative decoding off.")
     if speculative == "mtp" and not sampling.greedy:
       raise ValueError("speculative='mtp' decodes greedily; set temperature=0 or turn "
                        "speculative decoding off.")

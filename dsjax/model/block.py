@@ -1,84 +1,122 @@
-"""One pre-norm decoder block: x + attn(attn_norm(x)); then x + ffn(ffn_norm(x))."""
+"""One pre-norm decoder layer: the residual stream through an attention kind, then through a
+feed-forward kind (both looked up by the layer's LayerSpec in dsjax.model.kinds)."""
+
+from typing import Any, NamedTuple
 
 import jax
 from flax import nnx
 
-from dsjax.config import ModelConfig
-from dsjax.model.mla import MLA
-from dsjax.model.mlp import MLP
-from dsjax.model.moe import MoE
+from dsjax.config import LayerSpec, ModelConfig
+from dsjax.model.kinds import TokenContext, attention_kind, ffn_kind
 from dsjax.model.norm import RMSNorm
-from dsjax.model.nsa import NSAttention
-from dsjax.ops.routing import Routing
+from dsjax.model.residual import PlainResidual
+
+
+class ModelContext(NamedTuple):
+  """What a forward or decode pass hands every layer: the tokens and, per attention kind name,
+  that kind's context (built once per pass, see AttentionKind.context / decode_context)."""
+  tokens: TokenContext
+  attention: dict[str, Any]
 
 
 class Block(nnx.Module):
-  """A dense-MLP block (use_moe=False) or a DeepSeekMoE block."""
+  """x -> x + attn(attn_norm(x)) -> x + ffn(ffn_norm(x)), through the residual stream."""
 
-  def __init__(self, cfg: ModelConfig, use_moe: bool, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, spec: LayerSpec, *, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", cfg.param_dtype)
-    if cfg.attention == "nsa":
-      self.attn = NSAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.nsa,
-                              std=cfg.initializer_range, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype, rngs=rngs)
-    else:
-      self.attn = MLA(cfg, rngs=rngs)
+    self.attn = attention_kind(spec.attention).create(cfg, rngs=rngs)
     self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", cfg.param_dtype)
-    if use_moe:
-      self.ffn = MoE(cfg, rngs=rngs)
-    else:
-      self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, std=cfg.initializer_range,
-                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-    self.use_moe = use_moe
+    self.ffn = ffn_kind(spec.ffn).create(cfg, rngs=rngs)
+    self.residual = PlainResidual()
+    self.attention_name = spec.attention
 
-  def __call__(self, x, cos, sin, mask, moe_impl: str | None = None
-               ) -> tuple[jax.Array, Routing | None]:
-    """`mask`: MLA's bool [B,1,T,S]; for NSA, the tokens' document starts int[B,T] in a
-    packed row (dsjax.ops.nsa.document_starts), or None for one sequence per row."""
-    if isinstance(self.attn, NSAttention):
-      return self._ffn(x + self.attn(self.attn_norm(x), cos, sin, starts=mask), moe_impl)
-    return self._ffn(x + self.attn(self.attn_norm(x), cos, sin, mask), moe_impl)
+  def __call__(self, x, ctx: ModelContext, options) -> tuple[jax.Array, Any]:
+    """(x, the feed-forward's auxiliary output: Routing for MoE layers, else None)."""
+    h = self.attn.attend(self._attn_input(x), self._attn_ctx(ctx), options)
+    return self._ffn(self.residual.write(x, h), ctx, options)
 
-  def prefill(self, x, cos, sin, mask, moe_impl: str | None = None, lengths=None,
-              slots: int | None = None):
-    """(x, routing, the layer's decode cache entries: MLA's latent (c_kv, k_pe) of the T
-    tokens, or NSA's decode state (an NSACache with `slots` slots, rows of `lengths`))."""
-    if isinstance(self.attn, NSAttention):
-      h, cache = self.attn.prefill(self.attn_norm(x), cos, sin, lengths, slots)
-    else:
-      h, cache = self.attn.prefill(self.attn_norm(x), cos, sin, mask)
-    x, routing = self._ffn(x + h, moe_impl)
-    return x, routing, cache
+  def prefill(self, x, ctx: ModelContext, options, lengths=None, slots: int | None = None):
+    """(x, aux, the layer's decode cache with `slots` slots for rows of `lengths`)."""
+    h, cache = self.attn.attend_prefill(self._attn_input(x), self._attn_ctx(ctx), options,
+                                        lengths, slots)
+    x, aux = self._ffn(self.residual.write(x, h), ctx, options)
+    return x, aux, cache
 
-  def decode(self, x, cos, sin, cache, new_mask=None, attn_impl: str = "absorb",
-             moe_impl: str | None = None, positions=None):
-    """(x, the layer's cache update). MLA: `cache` a KeySegment, `new_mask` the new tokens'
-    mask, the update their latent (c_kv, k_pe) (see MLA.decode). NSA: `cache` the layer's
-    NSACache, `positions` int[B,T] the new tokens' (see NSAttention.decode)."""
-    if isinstance(self.attn, NSAttention):
-      h, update = self.attn.decode(self.attn_norm(x), cos, sin, cache, positions)
-    else:
-      h, update = self.attn.decode(self.attn_norm(x), cos, sin, cache, new_mask, attn_impl)
-    return self._ffn(x + h, moe_impl)[0], update
+  def decode(self, x, ctx: ModelContext, cache, options):
+    """(x, the layer's cache update): reads `cache`, the caller writes the update."""
+    h, update = self.attn.attend_decode(self._attn_input(x), self._attn_ctx(ctx), cache,
+                                        ctx.tokens.positions, options)
+    return self._ffn(self.residual.write(x, h), ctx, options)[0], update
 
-  def decode_in_place(self, x, cos, sin, cache, positions, mask=None,
-                      attn_impl: str = "absorb", moe_impl: str | None = None):
-    """(x, the layer's cache after the step, the new tokens written into its buffers before
-    attention reads them). MLA: `cache` (c_kv [B,S,C], k_pe [B,S,R]), `mask` [B,1,T,S] the
-    visible slots (see MLA.decode_in_place). NSA: `cache` the layer's NSACache (see
-    NSAttention.decode with write_first)."""
-    if isinstance(self.attn, NSAttention):
-      h, cache = self.attn.decode(self.attn_norm(x), cos, sin, cache, positions,
-                                  write_first=True)
-    else:
-      h, cache = self.attn.decode_in_place(self.attn_norm(x), cos, sin, *cache, positions, mask,
-                                           attn_impl)
-    return self._ffn(x + h, moe_impl)[0], cache
+  def decode_in_place(self, x, ctx: ModelContext, cache, options):
+    """(x, the layer's cache after the step, the new tokens written before attention)."""
+    h, cache = self.attn.attend_decode_in_place(self._attn_input(x), self._attn_ctx(ctx),
+                                                cache, ctx.tokens.positions, options)
+    return self._ffn(self.residual.write(x, h), ctx, options)[0], cache
 
-  def _ffn(self, x, moe_impl) -> tuple[jax.Array, Routing | None]:
-    h = self.ffn_norm(x)
-    if self.use_moe:
-      h, routing = self.ffn(h, moe_impl)
-    else:
-      h, routing = self.ffn(h), None
-    return x + h, routing
+  def _attn_input(self, x):
+    return self.attn_norm(self.residual.read(x))
+
+  def _attn_ctx(self, ctx: ModelContext):
+    return ctx.attention[self.attention_name]
+
+  def _ffn(self, x, ctx: ModelContext, options):
+    h, aux = self.ffn.feed_forward(self.ffn_norm(self.residual.read(x)), ctx.tokens, options)
+    return self.residual.write(x, h), aux
+
+
+class LayerGroup(nnx.Module):
+  """A period of different layers run in order, as one unit of a scanned stack; its caches
+  and auxiliary outputs are tuples with one entry per layer."""
+
+  def __init__(self, cfg: ModelConfig, period: tuple[LayerSpec, ...], *, rngs: nnx.Rngs):
+    self.layers = nnx.List([Block(cfg, spec, rngs=rngs) for spec in period])
+
+  def __call__(self, x, ctx, options):
+    aux = []
+    for layer in self.layers:
+      x, a = layer(x, ctx, options)
+      aux.append(a)
+    return x, tuple(aux)
+
+  def prefill(self, x, ctx, options, lengths=None, slots=None):
+    aux, caches = [], []
+    for layer in self.layers:
+      x, a, cache = layer.prefill(x, ctx, options, lengths, slots)
+      aux.append(a)
+      caches.append(cache)
+    return x, tuple(aux), tuple(caches)
+
+  def decode(self, x, ctx, cache, options):
+    return self._each(lambda layer, x, c: layer.decode(x, ctx, c, options), x, cache)
+
+  def decode_in_place(self, x, ctx, cache, options):
+    return self._each(lambda layer, x, c: layer.decode_in_place(x, ctx, c, options), x, cache)
+
+  def _each(self, step, x, caches):
+    out = []
+    for layer, cache in zip(self.layers, caches):
+      x, c = step(layer, x, cache)
+      out.append(c)
+    return x, tuple(out)
+
+
+def is_group_tuple(value) -> bool:
+  """A LayerGroup's per-layer tuple (a plain tuple, not a cache or Routing NamedTuple)."""
+  return type(value) is tuple
+
+
+def write_caches(cache, update, positions):
+  """A stack's caches after the stacked decode path: each layer cache's own write."""
+  if is_group_tuple(cache):
+    return tuple(write_caches(c, u, positions) for c, u in zip(cache, update))
+  return cache.write(update, positions)
+
+
+def flatten_aux(aux) -> list:
+  """The non-None auxiliary outputs of a layer or group, in layer order."""
+  if aux is None:
+    return []
+  if is_group_tuple(aux):
+    return [a for item in aux for a in flatten_aux(item)]
+  return [aux]

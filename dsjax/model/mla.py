@@ -6,23 +6,48 @@ head; k_pe is one rotary key shared by all heads. The decode cache (dsjax.infer)
 normalised c_kv and the rotated k_pe: C + R values per token per layer.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig
+from dsjax.model.kinds import AttentionKind, TokenContext, register_attention
+from dsjax.model.latent_cache import LatentCache
 from dsjax.model.norm import RMSNorm
 from dsjax.model.param import normal_param
-from dsjax.ops.attention import AttentionMask, attention
+from dsjax.ops.attention import AttentionMask, attention, decode_masks
 from dsjax.ops.latent_attention import KeySegment, latent_attention
-from dsjax.ops.rope import apply_rope
+from dsjax.ops.rope import apply_rope, rope_cos_sin
 from dsjax.ops.linear import project
 from dsjax.ops.slots import write_at_slots
 
 
-class MLA(nnx.Module):
+class MLAContext(NamedTuple):
+  """Rotary cos/sin [B,T,R/2] of the shared rope key's R dims and the packed-sequence mask."""
+  cos: jax.Array
+  sin: jax.Array
+  mask: AttentionMask
+
+
+class MLADecodeContext(NamedTuple):
+  """Rotary cos/sin of the new tokens; which cache slots each sees (below the row's first new
+  position, bool[B,1,T,S]); the new tokens among themselves (causal, [B,1,T,T]); and, for the
+  in-place path, every slot up to the query's own position ([B,1,T,S])."""
+  cos: jax.Array
+  sin: jax.Array
+  cache_mask: jax.Array
+  new_mask: jax.Array
+  slot_mask: jax.Array
+
+
+@register_attention("mla")
+class MLA(AttentionKind):
   """x [B,T,D] -> [B,T,D] with rotary cos/sin [B,T,R/2] and an AttentionMask (the training /
   prefill path, by mla.attention_impl; decoding reads dense masks of its cache slots)."""
+
+  drafts_with_mtp = True
 
   # Projection weights: (batch axes, input axes), see dsjax.infer.weight_layout.
   PROJECTIONS = {"wq": (0, 1), "wq_a": (0, 1), "wq_b": (0, 1), "wkv_a": (0, 1), "wkv_b": (0, 1),
@@ -49,6 +74,50 @@ class MLA(nnx.Module):
     self.scale = cfg.softmax_scale
     self.dtype = cfg.dtype
 
+  # ---- the attention-kind interface (dsjax.model.kinds) ----
+  @classmethod
+  def create(cls, cfg: ModelConfig, *, rngs: nnx.Rngs) -> "MLA":
+    return cls(cfg, rngs=rngs)
+
+  @classmethod
+  def context(cls, cfg: ModelConfig, tokens: TokenContext) -> MLAContext:
+    cos, sin = rope_cos_sin(tokens.positions, cfg.rope, cfg.mla.qk_rope_head_dim)
+    return MLAContext(cos, sin, AttentionMask.self_attention(tokens.positions,
+                                                             tokens.segment_ids))
+
+  @classmethod
+  def decode_context(cls, cfg: ModelConfig, positions, slots: int, first_slot: int = 0
+                     ) -> MLADecodeContext:
+    cos, sin = rope_cos_sin(positions, cfg.rope, cfg.mla.qk_rope_head_dim)
+    cache_mask, new_mask = decode_masks(positions, slots, first_slot)
+    slot_mask = (jnp.arange(slots) <= positions[:, :, None])[:, None]
+    return MLADecodeContext(cos, sin, cache_mask, new_mask, slot_mask)
+
+  @classmethod
+  def flops_per_token(cls, cfg: ModelConfig, seq_len: int) -> float:
+    mla = cfg.mla  # causal: each query sees seq_len / 2 keys on average
+    return 2 * cfg.num_attention_heads * seq_len / 2 * (mla.qk_head_dim + mla.v_head_dim)
+
+  def attend(self, x, ctx: MLAContext, options) -> jax.Array:
+    return self(x, ctx.cos, ctx.sin, ctx.mask)
+
+  def attend_prefill(self, x, ctx: MLAContext, options, lengths=None, slots=None):
+    out, latent = self.prefill(x, ctx.cos, ctx.sin, ctx.mask)
+    cache = LatentCache(*latent)  # the latents do not depend on the rows' lengths
+    return out, cache if slots is None else cache.padded(slots)
+
+  def attend_decode(self, x, ctx: MLADecodeContext, cache: LatentCache, positions, options):
+    segment = KeySegment(cache.c_kv, cache.k_pe, ctx.cache_mask)
+    out, latent = self.decode(x, ctx.cos, ctx.sin, segment, ctx.new_mask, options.attn_impl)
+    return out, LatentCache(*latent)
+
+  def attend_decode_in_place(self, x, ctx: MLADecodeContext, cache: LatentCache, positions,
+                             options):
+    out, latent = self.decode_in_place(x, ctx.cos, ctx.sin, cache.c_kv, cache.k_pe, positions,
+                                       ctx.slot_mask, options.attn_impl)
+    return out, LatentCache(*latent)
+
+  # ---- MLA's own passes ----
   def _w(self, name: str) -> jax.Array:
     return getattr(self, name)[...].astype(self.dtype)
 

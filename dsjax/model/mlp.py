@@ -3,12 +3,15 @@
 import jax
 from flax import nnx
 
+from dsjax.model.kinds import FeedForwardKind, register_ffn
 from dsjax.model.param import normal_param
 from dsjax.ops.linear import project
 
 
-class MLP(nnx.Module):
-  """w2(silu(x w1) * (x w3)); x [B,T,D] -> [B,T,D]."""
+@register_ffn("dense")
+class MLP(FeedForwardKind):
+  """w2(silu(x w1) * (x w3)); x [B,T,D] -> [B,T,D]. As a layer's feed-forward kind ("dense"),
+  of width intermediate_size."""
 
   # Projection weights: (batch axes, input axes), see dsjax.infer.weight_layout.
   PROJECTIONS = {"w1": (0, 1), "w3": (0, 1), "w2": (0, 1)}
@@ -18,6 +21,14 @@ class MLP(nnx.Module):
     self.w3 = normal_param(rngs, (dim, hidden), ("embed", "mlp"), std, param_dtype)
     self.w2 = normal_param(rngs, (hidden, dim), ("mlp", "embed"), std, param_dtype)
     self.dtype = dtype
+
+  @classmethod
+  def create(cls, cfg, *, rngs: nnx.Rngs) -> "MLP":
+    return cls(cfg.hidden_size, cfg.intermediate_size, std=cfg.initializer_range,
+               dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+  def feed_forward(self, x, tokens, options) -> tuple[jax.Array, None]:
+    return self(x), None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     w1, w3, w2 = (w[...].astype(self.dtype) for w in (self.w1, self.w3, self.w2))

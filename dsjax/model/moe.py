@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import MOE_IMPLS, ModelConfig, MoEConfig
+from dsjax.model.kinds import FeedForwardKind, register_ffn
 from dsjax.model.mlp import MLP
 from dsjax.model.param import AXES, RouterBias, normal_param
 from dsjax.ops import moe_dispatch
@@ -48,7 +49,8 @@ def resolve_impl(impl: str, moe: MoEConfig, tokens: int | None = None) -> str:
   return "dense" if tokens * e <= padded_rows else "blocked"
 
 
-class MoE(nnx.Module):
+@register_ffn("moe")
+class MoE(FeedForwardKind):
   """x [B,T,D] -> ([B,T,D], Routing over the B*T tokens)."""
 
   # Projection weights: (batch axes, input axes), see dsjax.infer.weight_layout. w2 contracts
@@ -69,6 +71,13 @@ class MoE(nnx.Module):
         if moe.n_shared_experts else None)
     self.moe = moe
     self.dtype = cfg.dtype
+
+  @classmethod
+  def create(cls, cfg: ModelConfig, *, rngs: nnx.Rngs) -> "MoE":
+    return cls(cfg, rngs=rngs)
+
+  def feed_forward(self, x, tokens, options) -> tuple[jax.Array, Routing]:
+    return self(x, options.moe_impl)
 
   def route(self, x: jax.Array) -> Routing:
     """Routing of x [M,D]; router logits in float32 as in DeepSeek's reference."""

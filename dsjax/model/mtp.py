@@ -13,39 +13,35 @@ from dsjax.config import ModelConfig
 from dsjax.model.block import Block
 from dsjax.model.norm import RMSNorm
 from dsjax.model.param import normal_param
-from dsjax.ops.latent_attention import KeySegment
 from dsjax.ops.routing import Routing
 
 
 class MTPModule(nnx.Module):
   """(embedded next tokens [B,T,D], previous hidden [B,T,D]) -> (normalised hidden [B,T,D],
-  routing of its MoE layer or None)."""
+  routing of its MoE layer or None). Its layer is a Block of cfg.mtp_spec."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, eps, pdt = cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype
     self.enorm = RMSNorm(d, eps, "embed", pdt)
     self.hnorm = RMSNorm(d, eps, "embed", pdt)
     self.eh_proj = normal_param(rngs, (2 * d, d), (None, "embed"), cfg.initializer_range, pdt)
-    self.block = Block(cfg, use_moe=cfg.moe is not None, rngs=rngs)
+    self.block = Block(cfg, cfg.mtp_spec, rngs=rngs)
     self.norm = RMSNorm(d, eps, "embed", pdt)  # DeepSeek's shared_head.norm
     self.dtype = cfg.dtype
 
-  def __call__(self, embedded, hidden, cos, sin, mask, moe_impl=None
-               ) -> tuple[jax.Array, Routing | None]:
-    x, routing = self.block(self._mix(embedded, hidden), cos, sin, mask, moe_impl)
+  def __call__(self, embedded, hidden, ctx, options) -> tuple[jax.Array, Routing | None]:
+    x, routing = self.block(self._mix(embedded, hidden), ctx, options)
     return self.norm(x), routing
 
-  def prefill(self, embedded, hidden, cos, sin, mask, moe_impl=None):
-    """(normalised hidden, the block's latent (c_kv, k_pe) for the decode cache)."""
-    x, _, latent = self.block.prefill(self._mix(embedded, hidden), cos, sin, mask, moe_impl)
-    return self.norm(x), latent
+  def prefill(self, embedded, hidden, ctx, options):
+    """(normalised hidden, the block's decode cache of these tokens)."""
+    x, _, cache = self.block.prefill(self._mix(embedded, hidden), ctx, options)
+    return self.norm(x), cache
 
-  def decode(self, embedded, hidden, cos, sin, cache: KeySegment, new_mask,
-             attn_impl="absorb", moe_impl=None):
-    """(normalised hidden, the new tokens' latent); see MLA.decode."""
-    x, latent = self.block.decode(self._mix(embedded, hidden), cos, sin, cache, new_mask,
-                                  attn_impl, moe_impl)
-    return self.norm(x), latent
+  def decode(self, embedded, hidden, ctx, cache, options):
+    """(normalised hidden, the new tokens' cache update); see Block.decode."""
+    x, update = self.block.decode(self._mix(embedded, hidden), ctx, cache, options)
+    return self.norm(x), update
 
   def _mix(self, embedded, hidden) -> jax.Array:
     x = jnp.concatenate([self.enorm(embedded), self.hnorm(hidden)], axis=-1)

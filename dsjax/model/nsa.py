@@ -11,17 +11,20 @@ Per-head sigmoid gates mix the three outputs, then wo projects back to the model
 `prefill`/`decode` generate with a per-layer decode state (dsjax.ops.nsa_decode.NSACache).
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsjax.config import NSAConfig
+from dsjax.config import ModelConfig, NSAConfig
+from dsjax.model.kinds import AttentionKind, TokenContext, register_attention
 from dsjax.model.param import normal_param
 from dsjax.ops import nsa as nsa_ops
 from dsjax.ops import nsa_decode
 from dsjax.ops.nsa_decode import NSACache
 from dsjax.ops.platform import target_platform
-from dsjax.ops.rope import apply_rope
+from dsjax.ops.rope import apply_rope, rope_cos_sin
 from pallas_kernels import nsa as nsa_kernels
 from pallas_kernels.nsa.reference import selected_attention_gather
 
@@ -53,7 +56,17 @@ def resolve_select_impl(impl: str) -> str:
   return "gather" if target_platform() == "cpu" else "pallas"
 
 
-class NSAttention(nnx.Module):
+class NSAContext(NamedTuple):
+  """Rotary cos/sin [B,T,head_dim/2] (every query/key dim is rotary) and the tokens' document
+  starts int[B,T] in packed rows (dsjax.ops.nsa.document_starts; None: one sequence per row);
+  the three branches are causal by construction. Decoding uses (cos, sin, None)."""
+  cos: jax.Array
+  sin: jax.Array
+  starts: jax.Array | None = None
+
+
+@register_attention("nsa")
+class NSAttention(AttentionKind):
   """x [B,T,D] -> [B,T,D], with rotary cos/sin [B,T,head_dim/2]; causal."""
 
   def __init__(self, hidden_size: int, num_heads: int, nsa: NSAConfig, *, std: float,
@@ -76,6 +89,48 @@ class NSAttention(nnx.Module):
     self.nsa = nsa
     self.dtype = dtype
 
+  # ---- the attention-kind interface (dsjax.model.kinds) ----
+  @classmethod
+  def create(cls, cfg: ModelConfig, *, rngs: nnx.Rngs) -> "NSAttention":
+    return cls(cfg.hidden_size, cfg.num_attention_heads, cfg.nsa or NSAConfig(),
+               std=cfg.initializer_range, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+               rngs=rngs)
+
+  @staticmethod
+  def _nsa(cfg: ModelConfig) -> NSAConfig:
+    return cfg.nsa or NSAConfig()
+
+  @classmethod
+  def context(cls, cfg: ModelConfig, tokens: TokenContext) -> NSAContext:
+    cos, sin = rope_cos_sin(tokens.positions, cfg.rope, cls._nsa(cfg).head_dim)
+    starts = (None if tokens.segment_ids is None
+              else nsa_ops.document_starts(tokens.segment_ids))
+    return NSAContext(cos, sin, starts)
+
+  @classmethod
+  def decode_context(cls, cfg: ModelConfig, positions, slots: int, first_slot: int = 0
+                     ) -> NSAContext:
+    return NSAContext(*rope_cos_sin(positions, cfg.rope, cls._nsa(cfg).head_dim))
+
+  @classmethod
+  def flops_per_token(cls, cfg: ModelConfig, seq_len: int) -> float:
+    nsa = cls._nsa(cfg)  # compressed blocks, selected tokens and window of each query
+    keys = nsa_ops.keys_per_query(seq_len, nsa).mean()
+    return 2 * cfg.num_attention_heads * keys * (nsa.head_dim + nsa.v_head_dim)
+
+  def attend(self, x, ctx: NSAContext, options) -> jax.Array:
+    return self(x, ctx.cos, ctx.sin, options.select_impl, ctx.starts)
+
+  def attend_prefill(self, x, ctx: NSAContext, options, lengths=None, slots=None):
+    return self.prefill(x, ctx.cos, ctx.sin, lengths, slots)
+
+  def attend_decode(self, x, ctx: NSAContext, cache: NSACache, positions, options):
+    return self.decode(x, ctx.cos, ctx.sin, cache, positions)
+
+  def attend_decode_in_place(self, x, ctx: NSAContext, cache: NSACache, positions, options):
+    return self.decode(x, ctx.cos, ctx.sin, cache, positions, write_first=True)
+
+  # ---- NSA's own passes ----
   def _project(self, x, cos, sin):
     """x in the compute dtype, rotated queries [B,T,N,H], and the three branches' keys
     (rotated) and values [3,B,T,KV,*] (compression, selection, window)."""

@@ -1,18 +1,17 @@
-"""A stack of identical blocks with parameters stacked on a leading `layers` axis, run with
-jax.lax.scan (or unrolled, for tests and debugging) under a remat policy."""
-
-from typing import NamedTuple
+"""A stack: one repeating period of layers (a Block, or a LayerGroup of several) with
+parameters stacked on a leading `layers` axis, run with jax.lax.scan (or unrolled, for tests
+and debugging) under a remat policy. See dsjax.model.pattern for how a model's layers are
+grouped into stacks."""
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig
-from dsjax.model.block import Block
+from dsjax.model.block import Block, LayerGroup, write_caches
+from dsjax.model.latent_cache import LatentCache
 from dsjax.model.param import AXES
-from dsjax.ops.latent_attention import KeySegment
-from dsjax.ops.nsa_decode import NSACache, write_selection_slots
-from dsjax.ops.slots import write_at_slots
+from dsjax.model.pattern import LayerRun
 from dsjax.parallel.activations import TOKENS, constrain
 
 _REMAT_POLICIES = {
@@ -73,126 +72,99 @@ def unstack_layers(state: nnx.State) -> nnx.State:
   return jax.tree_util.tree_map_with_path(unstack, state)
 
 
-class LatentCache(NamedTuple):
-  """The decode cache of a stack of MLA layers: normalised c_kv [L,B,S,C] and rotated shared
-  rope keys k_pe [L,B,S,R] (or both PerLayer, L arrays [B,S,...]: the per-layer layout, see
-  LayerStack.decode); slot s holds the token at position s."""
-  c_kv: jax.Array
-  k_pe: jax.Array
-
-
-def cache_slots(cache: LatentCache) -> int:
-  """Slots S of a LatentCache, stacked [L,B,S,C] or PerLayer [B,S,C] per layer."""
-  c = cache.c_kv
-  return c.arrays[0].shape[1] if _is_per_layer(c) else c.shape[2]
+def cache_slots(cache) -> int:
+  """Slots S of a layer or stack cache (stacked [L,B,S,...] or PerLayer [B,S,...] per layer)."""
+  return cache.slots
 
 
 def write_slots(cache: LatentCache, new: LatentCache, positions: jax.Array) -> LatentCache:
   """`cache` [L,B,S,...] with new [L,B,T,...] written at slots positions int[B,T]."""
-  return LatentCache(*(write_at_slots(c, n, positions) for c, n in zip(cache, new)))
+  return cache.write(new, positions)
 
 
-def pad_slots(cache: LatentCache | None, slots: int, offset: int = 0) -> LatentCache | None:
-  """A LatentCache [L,B,T,...] placed at slots offset..offset+T-1 of a zero cache with `slots`
-  slots."""
-  if cache is None:
-    return None
-  if isinstance(cache, NSACache):
-    raise ValueError("An NSA decode cache holds per-row state (compressed blocks, rings) that "
-                     "padding cannot place; build it at its final size with "
-                     "Transformer.prefill(ids, lengths=..., slots=...).")
-  t = cache.c_kv.shape[2]
-  if offset + t > slots:
-    raise ValueError(f"{offset + t} cache entries do not fit in {slots} slots.")
-  widths = ((0, 0), (0, 0), (offset, slots - offset - t), (0, 0))
-  return LatentCache(*(jnp.pad(a, widths) for a in cache))
+def pad_slots(cache, slots: int, offset: int = 0):
+  """A cache of T tokens ([L,]B,T,...) placed at slots offset..offset+T-1 of a zero cache
+  with `slots` slots (None stays None); NSA caches are built at their final size instead."""
+  return None if cache is None else cache.padded(slots, offset)
+
+
+def _has_per_layer(tree) -> bool:
+  return any(map(_is_per_layer, jax.tree.leaves(tree, is_leaf=_is_per_layer)))
+
+
+def per_layer_cache(cache):
+  """A stack's cache (stacked [L,...] arrays) as PerLayer buffers."""
+  return jax.tree.map(per_layer, cache)
 
 
 class LayerStack(nnx.Module):
-  """`num_layers` Blocks; x [B,T,D] -> (x, per-layer Routing stacked on axis 0 or None)."""
+  """The `run.repeats` repetitions of `run.period`; x [B,T,D] -> (x, per-layer auxiliary
+  outputs stacked on axis 0: Routing for MoE layers, None for dense; a tuple per period slot
+  for periods of several layers)."""
 
-  def __init__(self, cfg: ModelConfig, use_moe: bool, num_layers: int, *, rngs: nnx.Rngs):
-    @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num_layers)
-    def create(layer_rngs: nnx.Rngs) -> Block:
-      return Block(cfg, use_moe, rngs=layer_rngs)
+  def __init__(self, cfg: ModelConfig, run: LayerRun, *, rngs: nnx.Rngs):
+    period = run.period
+
+    @nnx.split_rngs(splits=run.repeats)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=run.repeats)
+    def create(layer_rngs: nnx.Rngs):
+      if len(period) == 1:
+        return Block(cfg, period[0], rngs=layer_rngs)
+      return LayerGroup(cfg, period, rngs=layer_rngs)
 
     self.blocks = create(rngs)
     _prepend_layers_axis(self.blocks)
-    self.num_layers = num_layers
+    self.num_layers = run.repeats
     self.scan = cfg.scan_layers
     self.remat_policy = cfg.remat_policy
 
-  def __call__(self, x, cos, sin, mask, moe_impl: str | None = None, scan: bool | None = None):
-    return self._run(lambda block, h: block(h, cos, sin, mask, moe_impl), x, scan)
+  def __call__(self, x, ctx, options):
+    return self._run(lambda block, h: block(h, ctx, options), x, options.scan)
 
-  def prefill(self, x, cos, sin, mask, moe_impl: str | None = None, scan: bool | None = None,
-              lengths=None, slots: int | None = None):
-    """(x, routing, the stack's decode cache): MLA, a LatentCache of the T tokens (c_kv
-    [L,B,T,C], k_pe [L,B,T,R]), padded to `slots` slots when given; NSA, an NSACache [L,B,...]
-    with `slots` slots (default T) for rows of `lengths` int[B] (default T)."""
+  def prefill(self, x, ctx, options, lengths=None, slots: int | None = None):
+    """(x, aux, the stack's decode cache: each layer's, stacked [L,...], with `slots` slots
+    (default T) for rows of `lengths` int[B] (default T))."""
     def layer(block, h):
-      h, routing, cache = block.prefill(h, cos, sin, mask, moe_impl, lengths, slots)
-      return h, (routing, cache)
-    x, (routing, cache) = self._run(layer, x, scan)
-    if isinstance(cache, NSACache):
-      return x, routing, cache
-    cache = LatentCache(*cache)
-    return x, routing, cache if slots is None else pad_slots(cache, slots)
+      h, aux, cache = block.prefill(h, ctx, options, lengths, slots)
+      return h, (aux, cache)
+    x, (aux, cache) = self._run(layer, x, options.scan)
+    return x, aux, cache
 
-  def decode(self, x, cos, sin, cache: LatentCache | NSACache, positions, cache_mask=None,
-             new_mask=None, attn_impl: str = "absorb", moe_impl: str | None = None,
-             scan: bool | None = None) -> tuple[jax.Array, LatentCache | NSACache]:
-    """T new tokens x [B,T,D] at `positions` int[B,T] through every layer.
+  def decode(self, x, ctx, cache, options):
+    """T new tokens x [B,T,D] at ctx.tokens.positions through every layer.
 
-    MLA (`cache` a LatentCache): each layer attends over its cache slots (`cache_mask`
-    [B,1,T,S]) and the new tokens (`new_mask` [B,1,T,T]). NSA (`cache` an NSACache): each layer
-    reads its decode state and returns its compressed state and rings after the step.
-    Stacked caches: the layers only read the per-token cache (MLA's latents, NSA's selection
-    keys/values); the new tokens' entries of all layers are written to slots `positions`
-    once, after the last layer (one in-place scatter when the cache buffer is donated).
-    PerLayer caches: see _decode_per_layer."""
-    if _is_per_layer(cache[0]):
-      return self._decode_per_layer(x, cos, sin, cache, positions, attn_impl, moe_impl)
+    Stacked caches: the layers only read the cache (MLA's latents, NSA's selection keys and
+    values) and return their updates; each layer cache's `write` stores the new tokens'
+    entries of all layers at once, after the last layer (one in-place scatter when the cache
+    buffer is donated). PerLayer caches: see _decode_per_layer."""
+    if _has_per_layer(cache):
+      return self._decode_per_layer(x, ctx, cache, options)
     graphdef, state = nnx.split(self.blocks)
-    if isinstance(cache, NSACache):
-      def body(h, layer):
-        layer_state, layer_cache = layer
-        return nnx.merge(graphdef, layer_state).decode(
-            h, cos, sin, layer_cache, moe_impl=moe_impl, positions=positions)
-      x, update = self._scan_layers(body, x, (state, cache), scan)
-      return x, write_selection_slots(cache, update, positions)
 
     def body(h, layer):
-      layer_state, c_kv, k_pe = layer
-      return nnx.merge(graphdef, layer_state).decode(
-          h, cos, sin, KeySegment(c_kv, k_pe, cache_mask), new_mask, attn_impl, moe_impl)
+      layer_state, layer_cache = layer
+      return nnx.merge(graphdef, layer_state).decode(h, ctx, layer_cache, options)
 
-    x, (new_c, new_pe) = self._scan_layers(body, x, (state, cache.c_kv, cache.k_pe), scan)
-    return x, write_slots(cache, LatentCache(new_c, new_pe), positions)
+    x, update = self._scan_layers(body, x, (state, cache), options.scan)
+    return x, write_caches(cache, update, ctx.tokens.positions)
 
-  def _decode_per_layer(self, x, cos, sin, cache: LatentCache | NSACache, positions,
-                        attn_impl, moe_impl):
+  def _decode_per_layer(self, x, ctx, cache, options):
     """LayerStack.decode over a cache of PerLayer buffers, unrolled (Block.decode_in_place):
     each layer first writes the new tokens' entries into its own buffers (in place, the cache
     being donated) and then attends over them. Reading a buffer that is written later in the
     step, as the stacked path does, makes XLA copy it."""
     graphdef, state = nnx.split(self.blocks)
-    mask = None
-    if isinstance(cache, LatentCache):  # every slot up to the query's position
-      mask = (jnp.arange(cache_slots(cache)) <= positions[:, :, None])[:, None]
     after = []
     for i in range(self.num_layers):
       block = nnx.merge(graphdef, layer_slice(state, i))
-      x, layer_cache = block.decode_in_place(x, cos, sin, layer_slice(cache, i), positions, mask,
-                                             attn_impl, moe_impl)
+      x, layer_cache = block.decode_in_place(x, ctx, layer_slice(cache, i), options)
       after.append(layer_cache)
-    return x, type(cache)(*(PerLayer(field) for field in zip(*after)))
+    return x, jax.tree.map(lambda *layers: PerLayer(layers), *after)
 
   def _scan_layers(self, body, x, layers, scan: bool | None):
     """body(h, one layer's slice of `layers`) -> (h, out) over the layers, scanned or
     unrolled (always unrolled with PerLayer parameters); outs stacked on axis 0."""
-    unstacked = any(map(_is_per_layer, jax.tree.leaves(layers, is_leaf=_is_per_layer)))
+    unstacked = _has_per_layer(layers)
     inner = body
 
     def body(h, layer):  # the residual stream keeps its batch split across layers
@@ -218,4 +190,3 @@ class LayerStack(nnx.Module):
     if self.remat_policy != "none":
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat_policy])
     return self._scan_layers(body, x, state, scan)
-

@@ -1,4 +1,5 @@
-"""dsjax.Transformer: embedding -> dense stack -> MoE stack -> norm -> head (+ MTP modules)."""
+"""dsjax.Transformer: embedding -> layer stacks (dsjax.model.pattern) -> norm -> head (+ MTP
+modules)."""
 
 from typing import NamedTuple
 
@@ -7,15 +8,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig
+from dsjax.model.block import ModelContext, flatten_aux
+from dsjax.model.kinds import TokenContext, attention_kind
 from dsjax.model.mtp import MTPModule
 from dsjax.model.norm import RMSNorm
+from dsjax.model.options import RunOptions, run_options
 from dsjax.model.param import normal_param
-from dsjax.model.stack import LatentCache, LayerStack, cache_slots, write_slots
-from dsjax.ops.attention import AttentionMask, decode_masks
-from dsjax.ops.latent_attention import KeySegment
-from dsjax.ops.nsa import document_starts
-from dsjax.ops.nsa_decode import NSACache
-from dsjax.ops.rope import rope_cos_sin
+from dsjax.model.pattern import layer_runs
+from dsjax.model.residual import PlainResidual
+from dsjax.model.stack import LayerStack
 from dsjax.ops.routing import Routing
 from dsjax.ops.linear import project
 from dsjax.parallel.activations import LOGITS, TOKENS, constrain
@@ -23,23 +24,41 @@ from dsjax.parallel.activations import LOGITS, TOKENS, constrain
 
 class ModelOutput(NamedTuple):
   """logits [B,T,V]; hidden [B,T,D] (final, normalised); routing of the MoE layers stacked as
-  [L_moe, B*T, ...] (None without MoE layers)."""
+  [L_moe, B*T, ...] in dsjax.model.pattern.routed_rows order (None without MoE layers)."""
   logits: jax.Array
   hidden: jax.Array
   routing: Routing | None
 
 
 class DecodeCache(NamedTuple):
-  """Decode caches of the dense stack, the MoE stack and the first MTP module (None where the
-  model has none): LatentCaches for MLA (slot s holding the token at position s), NSACaches
-  (dsjax.ops.nsa_decode) for NSA."""
-  dense: LatentCache | NSACache | None
-  moe: LatentCache | NSACache | None
-  mtp: LatentCache | None
+  """layers: each stack's decode cache by stack name (whatever its layers' attention kinds
+  return: MLA's LatentCache, NSA's NSACache, stacked [L,...]; a tuple of them for a stack
+  whose period has several layers); mtp: the first MTP module's cache [1,...] or None."""
+  layers: dict
+  mtp: object = None
+
+  def __getattr__(self, name: str):
+    """cache.dense / cache.moe: the cache of the stack "dense_layers" / "moe_layers"."""
+    if not name.startswith("_") and f"{name}_layers" in self.layers:
+      return self.layers[f"{name}_layers"]
+    raise AttributeError(f"DecodeCache has no stack {name!r}; stacks: {sorted(self.layers)}")
+
+  @property
+  def slots(self) -> int:
+    first = next(iter(self.layers.values()))
+    while type(first) is tuple:
+      first = first[0]
+    return first.slots
+
+
+def _concat(items: list):
+  if not items:
+    return None
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *items) if len(items) > 1 else items[0]
 
 
 class Transformer(nnx.Module):
-  """A DeepSeek-V2/V3-family decoder. `model(input_ids int32[B,T]) -> logits float[B,T,V]`."""
+  """A DeepSeek-family decoder. `model(input_ids int32[B,T]) -> logits float[B,T,V]`."""
 
   # Projection weights: (batch axes, input axes), see dsjax.infer.weight_layout.
   PROJECTIONS = {"head": (0, 1)}
@@ -48,10 +67,11 @@ class Transformer(nnx.Module):
     d, std, pdt = cfg.hidden_size, cfg.initializer_range, cfg.param_dtype
     self.config = cfg
     self.embed = normal_param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), std, pdt)
-    self.dense_layers = nnx.data(LayerStack(cfg, False, cfg.num_dense_layers, rngs=rngs)
-                                 if cfg.num_dense_layers else None)
-    self.moe_layers = nnx.data(LayerStack(cfg, True, cfg.num_moe_layers, rngs=rngs)
-                               if cfg.num_moe_layers else None)
+    self.residual = PlainResidual()
+    runs = layer_runs(cfg)
+    for run in runs:  # attributes named by the stacks: dense_layers, moe_layers, ...
+      setattr(self, run.name, LayerStack(cfg, run, rngs=rngs))
+    self.stack_names = tuple(run.name for run in runs)
     self.norm = RMSNorm(d, cfg.rms_norm_eps, "embed", pdt)
     self.head = nnx.data(None if cfg.tie_word_embeddings
                          else normal_param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), std, pdt))
@@ -67,121 +87,130 @@ class Transformer(nnx.Module):
     logits = project(hidden, head.astype(self.config.dtype))
     return constrain(logits, LOGITS) if logits.ndim == 3 else logits
 
-  def _rope_and_mask(self, positions, segment_ids):
-    """cos, sin and what keeps attention inside a packed sequence: MLA's AttentionMask
-    (positions and segment ids; no [B,1,T,T] array); NSA's document starts int[B,T] (None
-    without segment_ids), its branches being causal by construction."""
-    cos, sin = rope_cos_sin(positions, self.config.rope, self.config.rope_dim)
-    if self.config.attention == "nsa":
-      return cos, sin, None if segment_ids is None else document_starts(segment_ids)
-    return cos, sin, AttentionMask.self_attention(positions, segment_ids)
+  def stacks(self) -> list[LayerStack]:
+    return [getattr(self, name) for name in self.stack_names]
+
+  def _attention_kinds(self) -> list[str]:
+    cfg = self.config
+    names = [s.attention for s in cfg.layer_specs]
+    if cfg.num_mtp_layers:
+      names.append(cfg.mtp_spec.attention)
+    return sorted(set(names))
+
+  def _context(self, tokens: TokenContext) -> ModelContext:
+    """Each attention kind's per-sequence context, built once for all its layers."""
+    return ModelContext(tokens, {name: attention_kind(name).context(self.config, tokens)
+                                 for name in self._attention_kinds()})
+
+  def _decode_context(self, tokens: TokenContext, slots: int, first_slot: int = 0
+                      ) -> ModelContext:
+    return ModelContext(tokens, {
+        name: attention_kind(name).decode_context(self.config, tokens.positions, slots,
+                                                  first_slot)
+        for name in self._attention_kinds()})
 
   @staticmethod
   def default_positions(input_ids: jax.Array) -> jax.Array:
     b, t = input_ids.shape
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
+  def _final(self, x) -> tuple[jax.Array, jax.Array]:
+    hidden = self.norm(self.residual.reduce(x))
+    return self.logits_from_hidden(hidden), hidden
+
   # ---- forward passes ----
   def forward(self, input_ids: jax.Array, positions: jax.Array | None = None,
               segment_ids: jax.Array | None = None, moe_impl: str | None = None,
-              scan: bool | None = None) -> ModelOutput:
+              scan: bool | None = None, *, options: RunOptions | None = None) -> ModelOutput:
     """Full forward pass with hidden states and routing. positions int[B,T] default to
-    0..T-1; segment_ids int[B,T] (0 = padding) restrict attention to one packed sequence."""
+    0..T-1; segment_ids int[B,T] (0 = padding) restrict attention to one packed sequence.
+    `options` (dsjax.model.options.RunOptions) replaces moe_impl / scan when given."""
     self._check_input(input_ids)
+    options = options or run_options(moe_impl, scan=scan)
     positions = self.default_positions(input_ids) if positions is None else positions
-    cos, sin, mask = self._rope_and_mask(positions, segment_ids)
-    x = self.embed_tokens(input_ids)
-    routing = None
-    if self.dense_layers is not None:
-      x, _ = self.dense_layers(x, cos, sin, mask, moe_impl, scan)
-    if self.moe_layers is not None:
-      x, routing = self.moe_layers(x, cos, sin, mask, moe_impl, scan)
-    hidden = self.norm(x)
-    return ModelOutput(self.logits_from_hidden(hidden), hidden, routing)
+    ctx = self._context(TokenContext(input_ids, positions, segment_ids))
+    x = self.residual.expand(self.embed_tokens(input_ids))
+    aux = []
+    for stack in self.stacks():
+      x, stack_aux = stack(x, ctx, options)
+      aux += flatten_aux(stack_aux)
+    logits, hidden = self._final(x)
+    return ModelOutput(logits, hidden, _concat(aux))
 
   def prefill(self, input_ids: jax.Array, positions: jax.Array | None = None,
               moe_impl: str | None = None, scan: bool | None = None,
-              lengths: jax.Array | None = None, slots: int | None = None
-              ) -> tuple[ModelOutput, DecodeCache]:
-    """forward() that also returns the decode cache of these T tokens for the dense and MoE
-    stacks (mtp None), with `slots` slots (default T; slot t = token t). lengths int[B]: each
-    row's prompt length (default T; the tokens after it are padding). MLA caches are the
-    tokens' latents (they do not depend on `lengths`); NSA caches are the layers' decode
-    state, whose rings hold each row's last positions before its length."""
+              lengths: jax.Array | None = None, slots: int | None = None, *,
+              options: RunOptions | None = None) -> tuple[ModelOutput, DecodeCache]:
+    """forward() that also returns each stack's decode cache of these T tokens (mtp None),
+    with `slots` slots (default T; slot t = token t). lengths int[B]: each row's prompt
+    length (default T; the tokens after it are padding). MLA caches are the tokens' latents
+    (they do not depend on `lengths`); NSA caches are the layers' decode state, whose rings
+    hold each row's last positions before its length."""
     self._check_input(input_ids)
     if slots is not None and slots < input_ids.shape[1]:
       raise ValueError(f"slots={slots} cannot hold the {input_ids.shape[1]} prompt tokens; "
                        f"use slots >= {input_ids.shape[1]}.")
+    options = options or run_options(moe_impl, scan=scan)
     positions = self.default_positions(input_ids) if positions is None else positions
-    cos, sin, mask = self._rope_and_mask(positions, None)
-    x = self.embed_tokens(input_ids)
-    routing = dense = moe = None
-    if self.dense_layers is not None:
-      x, _, dense = self.dense_layers.prefill(x, cos, sin, mask, moe_impl, scan, lengths, slots)
-    if self.moe_layers is not None:
-      x, routing, moe = self.moe_layers.prefill(x, cos, sin, mask, moe_impl, scan, lengths,
-                                                slots)
-    hidden = self.norm(x)
-    return (ModelOutput(self.logits_from_hidden(hidden), hidden, routing),
-            DecodeCache(dense, moe, None))
+    ctx = self._context(TokenContext(input_ids, positions))
+    x = self.residual.expand(self.embed_tokens(input_ids))
+    aux, caches = [], {}
+    for name, stack in zip(self.stack_names, self.stacks()):
+      x, stack_aux, caches[name] = stack.prefill(x, ctx, options, lengths, slots)
+      aux += flatten_aux(stack_aux)
+    logits, hidden = self._final(x)
+    return ModelOutput(logits, hidden, _concat(aux)), DecodeCache(caches)
 
   def decode(self, input_ids: jax.Array, positions: jax.Array, cache: DecodeCache,
-             attn_impl: str = "absorb", moe_impl: str | None = None, scan: bool | None = None
+             attn_impl: str = "absorb", moe_impl: str | None = None, scan: bool | None = None,
+             *, options: RunOptions | None = None
              ) -> tuple[jax.Array, jax.Array, DecodeCache]:
     """T new tokens input_ids int[B,T] at positions int[B,T] (consecutive per row), attending
     over cache slots below each row's first position and over each other. Returns (logits
     [B,T,V], final hidden [B,T,D], the cache with the new tokens written at their positions).
     MLA: attn_impl "absorb" attends in the latent space, "naive" expands keys/values. NSA
     (attn_impl unused): the three branches over each layer's decode state."""
-    cos, sin = rope_cos_sin(positions, self.config.rope, self.config.rope_dim)
-    if self.config.attention == "nsa":
-      cache_mask = new_mask = None
-    else:
-      slots = cache_slots(cache.dense or cache.moe)
-      cache_mask, new_mask = decode_masks(positions, slots)
-    x = self.embed_tokens(input_ids)
-    stacks = {}
-    for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
-      if stack is not None:
-        x, stacks[name] = stack.decode(x, cos, sin, getattr(cache, name), positions, cache_mask,
-                                       new_mask, attn_impl, moe_impl, scan)
-    hidden = self.norm(x)
-    return self.logits_from_hidden(hidden), hidden, cache._replace(**stacks)
+    options = options or run_options(moe_impl, attn_impl, scan)
+    ctx = self._decode_context(TokenContext(input_ids, positions), cache.slots)
+    x = self.residual.expand(self.embed_tokens(input_ids))
+    caches = {}
+    for name, stack in zip(self.stack_names, self.stacks()):
+      x, caches[name] = stack.decode(x, ctx, cache.layers[name], options)
+    logits, hidden = self._final(x)
+    return logits, hidden, cache._replace(layers=caches)
 
   def mtp_prefill(self, next_ids: jax.Array, hidden: jax.Array, positions: jax.Array,
-                  moe_impl: str | None = None) -> tuple[jax.Array, LatentCache]:
+                  moe_impl: str | None = None):
     """The first MTP module over aligned inputs: input t pairs hidden[:, t] (the main model's
     final hidden state of the token before next_ids[:, t]) with next_ids[:, t] at
     positions[:, t]. Returns (the module's normalised hidden [B,T,D], whose logits
-    (`logits_from_hidden`) predict the token after next_ids, and its latent cache [1,B,T,...]
-    with slot t for input t)."""
+    (`logits_from_hidden`) predict the token after next_ids, and its cache [1,B,T,...] with
+    slot t for input t)."""
     module = self._first_mtp()
-    cos, sin, mask = self._rope_and_mask(positions, None)
-    out, (c_kv, k_pe) = module.prefill(self.embed_tokens(next_ids), hidden, cos, sin, mask,
-                                       moe_impl)
-    return out, LatentCache(c_kv[None], k_pe[None])
+    ctx = self._context(TokenContext(next_ids, positions))
+    out, cache = module.prefill(self.embed_tokens(next_ids), hidden, ctx, run_options(moe_impl))
+    return out, jax.tree.map(lambda a: a[None], cache)
 
-  def mtp_decode(self, next_ids: jax.Array, hidden: jax.Array, positions: jax.Array,
-                 cache: LatentCache, attn_impl: str = "absorb", moe_impl: str | None = None
-                 ) -> tuple[jax.Array, LatentCache]:
+  def mtp_decode(self, next_ids: jax.Array, hidden: jax.Array, positions: jax.Array, cache,
+                 attn_impl: str = "absorb", moe_impl: str | None = None):
     """mtp_prefill for new inputs at positions int[B,T] over the module's cache [1,B,S,...];
     returns (logits [B,T,V], the cache with the new inputs written at their positions)."""
     module = self._first_mtp()
-    cos, sin = rope_cos_sin(positions, self.config.rope, self.config.rope_dim)
+    layer_cache = jax.tree.map(lambda a: a[0], cache)
     # The module's first input sits at position 1 (it pairs hidden state 0 with token 1), so
     # slot 0 is never written.
-    cache_mask, new_mask = decode_masks(positions, cache.c_kv.shape[2], first_slot=1)
-    segment = KeySegment(cache.c_kv[0], cache.k_pe[0], cache_mask)
-    out, (c_kv, k_pe) = module.decode(self.embed_tokens(next_ids), hidden, cos, sin, segment,
-                                      new_mask, attn_impl, moe_impl)
-    return self.logits_from_hidden(out), write_slots(
-        cache, LatentCache(c_kv[None], k_pe[None]), positions)
+    ctx = self._decode_context(TokenContext(next_ids, positions), layer_cache.slots,
+                               first_slot=1)
+    out, update = module.decode(self.embed_tokens(next_ids), hidden, ctx, layer_cache,
+                                run_options(moe_impl, attn_impl))
+    return self.logits_from_hidden(out), cache.write(jax.tree.map(lambda a: a[None], update),
+                                                     positions)
 
   def _first_mtp(self) -> MTPModule:
-    if self.config.attention != "mla":
+    kind = self.config.mtp_spec.attention
+    if not attention_kind(kind).drafts_with_mtp:
       raise ValueError(f"MTP drafting decodes the MTP module with MLA's latent cache; this "
-                       f"model has attention={self.config.attention!r}. Turn speculative "
-                       "decoding off.")
+                       f"model has attention={kind!r}. Turn speculative decoding off.")
     if not len(self.mtp):
       raise ValueError("This model has num_mtp_layers=0: MTP drafting needs an MTP module; "
                        "use a checkpoint with MTP weights or turn speculative decoding off.")
@@ -204,9 +233,9 @@ class Transformer(nnx.Module):
     outputs = []
     for k, module in enumerate(self.mtp, start=1):
       seg = None if segment_ids is None else segment_ids[:, k:]
-      cos, sin, mask = self._rope_and_mask(positions[:, k:], seg)
-      hidden, routing = module(self.embed_tokens(input_ids[:, k:]), hidden[:, :-1], cos, sin,
-                               mask, moe_impl)
+      ctx = self._context(TokenContext(input_ids[:, k:], positions[:, k:], seg))
+      hidden, routing = module(self.embed_tokens(input_ids[:, k:]), hidden[:, :-1], ctx,
+                               run_options(moe_impl))
       routing = None if routing is None else jax.tree.map(lambda a: a[None], routing)
       outputs.append((self.logits_from_hidden(hidden), routing))
     return outputs

@@ -50,6 +50,20 @@ class NSACache(NamedTuple):
   k_win: jax.Array
   v_win: jax.Array
 
+  @property
+  def slots(self) -> int:
+    k = self.k_slc
+    return k.arrays[0].shape[-3] if hasattr(k, "arrays") else k.shape[-3]
+
+  def write(self, update: "NSACache", positions: jax.Array) -> "NSACache":
+    """The state after a step (see write_selection_slots)."""
+    return write_selection_slots(self, update, positions)
+
+  def padded(self, slots: int, offset: int = 0) -> "NSACache":
+    raise ValueError("An NSA decode cache holds per-row state (compressed blocks, rings) that "
+                     "padding cannot place; build it at its final size with "
+                     "Transformer.prefill(ids, lengths=..., slots=...).")
+
 
 def _rows(b: int, ndim: int = 2) -> jax.Array:
   return jnp.arange(b).reshape((b,) + (1,) * (ndim - 1))

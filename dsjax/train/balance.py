@@ -34,17 +34,23 @@ def sign_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
 
 
 def update_router_biases(router_bias: nnx.State, main_load: jax.Array | None,
-                         mtp_loads: list[jax.Array], rate: float) -> nnx.State:
-  """New router-bias state. `router_bias` is the model's RouterBias state: the MoE layer stack
-  ([L_moe, E] under `moe_layers`) and each MTP module's MoE layer ([E] under `mtp/k`).
-  `main_load` float[L_moe, E] and `mtp_loads[k]` float[E] count the tokens routed to each
-  expert in this step."""
+                         mtp_loads: list[jax.Array], rate: float,
+                         rows: dict[tuple, tuple[int, int]]) -> nnx.State:
+  """New router-bias state. `router_bias` is the model's RouterBias state: each stack's MoE
+  layers ([L, E] under the stack's Block path) and each MTP module's MoE layer ([E] under
+  `mtp/k`). `main_load` float[L_moe, E] counts the tokens routed to each expert of the main
+  model's MoE layers in this step, in the model's routing order; `rows` maps each Block path to
+  its (first row, rows) there (dsjax.model.pattern.routed_rows); `mtp_loads[k]` float[E]."""
   def update(path, variable):
-    if path[0] == "moe_layers":
-      load = main_load
-    elif path[0] == "mtp":
-      load = mtp_loads[int(path[1])]
+    keys = tuple(getattr(k, "key", k) for k in path)
+    if keys[0] == "mtp":
+      load = mtp_loads[int(keys[1])]
     else:
-      raise ValueError(f"Router bias at unexpected path {path}; update balance.py for it.")
+      block = next((p for p in rows if keys[:len(p)] == p), None)
+      if block is None:
+        raise ValueError(f"Router bias at unexpected path {path}; it is in no MoE stack of "
+                         "the layer pattern.")
+      first, count = rows[block]
+      load = main_load[first:first + count]
     return variable.replace(value=sign_update(variable.get_value(), load, rate))
   return nnx.map_state(update, router_bias)

@@ -8,8 +8,8 @@ import os
 import jax
 
 from dsjax.config import ModelConfig
+from dsjax.model.kinds import attention_kind
 from dsjax.model.param import logical_axes
-from dsjax.ops.nsa import keys_per_query
 
 # Dense bf16 peak FLOP/s per chip by device_kind prefix (vendor figures, no sparsity).
 PEAK_FLOPS = (
@@ -44,14 +44,9 @@ def train_flops_per_token(params, cfg: ModelConfig, seq_len: int) -> float:
   """Forward + backward FLOPs per token: 6 x active params plus attention scores and values
   in every layer and MTP module: each query sees seq_len / 2 keys on average under causal
   MLA, and its compressed blocks, selected tokens and window under NSA."""
-  layers = cfg.num_hidden_layers + cfg.num_mtp_layers
-  if cfg.attention == "nsa":
-    nsa = cfg.nsa
-    keys, dims = keys_per_query(seq_len, nsa).mean(), nsa.head_dim + nsa.v_head_dim
-  else:
-    mla = cfg.mla
-    keys, dims = seq_len / 2, mla.qk_nope_head_dim + mla.qk_rope_head_dim + mla.v_head_dim
-  attention = 2 * layers * cfg.num_attention_heads * keys * dims
+  specs = list(cfg.layer_specs) + [cfg.mtp_spec] * cfg.num_mtp_layers
+  attention = sum(attention_kind(spec.attention).flops_per_token(cfg, seq_len)
+                  for spec in specs)
   return 3 * (2 * active_matmul_params(params, cfg) + attention)
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from dsjax.model.pattern import routed_rows
 from dsjax.train import loss as losses
 from dsjax.train.balance import update_router_biases
 
@@ -138,7 +139,8 @@ def _where(flag: jax.Array, new, old):
 def train_step(state: TrainState, batch: Batch, *, graphdef, optimizer, schedule,
                settings: StepSettings) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on the global `batch` (all arrays [B, T])."""
-  depths = len(nnx.merge(graphdef, state.params, state.router_bias).mtp)
+  model = nnx.merge(graphdef, state.params, state.router_bias)
+  depths = len(model.mtp)
   total, aux, loads, grads = _loss_and_grads(state, graphdef, batch, settings, depths)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
@@ -147,7 +149,8 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, optimizer, schedule
   router_bias = state.router_bias
   if settings.bias_update and "main" in loads:
     mtp_loads = [loads[f"mtp{k}"] for k in range(depths) if f"mtp{k}" in loads]
-    router_bias = update_router_biases(router_bias, loads["main"], mtp_loads, settings.bias_rate)
+    router_bias = update_router_biases(router_bias, loads["main"], mtp_loads, settings.bias_rate,
+                                       routed_rows(model.config))
   params, opt_state, router_bias = _where(finite, (params, opt_state, router_bias),
                                           (state.params, state.opt_state, state.router_bias))
   new_state = TrainState(

@@ -30,7 +30,7 @@ def _prefill_then_decode(graphdef, state, ids, *, attn_impl: str, step: int,
   weights (the Generator's default on CPU)."""
   model = nnx.merge(graphdef, state)
   _, latents = model.prefill(ids[:, :PROMPT])
-  cache = DecodeCache(pad_slots(latents.dense, SLOTS), pad_slots(latents.moe, SLOTS), None)
+  cache = DecodeCache({name: pad_slots(c, SLOTS) for name, c in latents.layers.items()})
   if layout != "stacked":
     per_layer_state = unstack_layers(state)
     if layout == "out_major":

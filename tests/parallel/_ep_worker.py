@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
 from dsjax.compile import hlo  # noqa: E402
+from dsjax.model.pattern import routed_rows  # noqa: E402
 from dsjax.ops import moe_dispatch  # noqa: E402
 from dsjax.parallel.activations import under_mesh  # noqa: E402
 from dsjax.parallel.expert_parallel import expert_parallel_moe  # noqa: E402
@@ -139,7 +140,8 @@ def _grads_step(run):
   def fn(state, batch):
     total, aux, loads, grads = _loss_and_grads(state, run.graphdef, batch, settings, depths)
     mtp = [loads[f"mtp{i}"] for i in range(depths) if f"mtp{i}" in loads]
-    bias = update_router_biases(state.router_bias, loads["main"], mtp, settings.bias_rate)
+    bias = update_router_biases(state.router_bias, loads["main"], mtp, settings.bias_rate,
+                                routed_rows(run.model_cfg))
     return total, aux["loss"], loads["main"], grads, bias
   return jax.jit(under_mesh(fn, run.mesh), in_shardings=(run.state_shardings,
                                                          run.batch_sharding))
