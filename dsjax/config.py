@@ -186,6 +186,8 @@ class MoEConfig:
     norm_topk_prob: renormalise the K chosen weights to sum to 1.
     routed_scaling_factor: multiplier on the routed-expert weights.
     first_k_dense_replace: the first k layers use a dense MLP instead of MoE.
+    moe_layer_freq: after those, layer i is a MoE layer when i % moe_layer_freq == 0 and
+      dense otherwise (HuggingFace DeepseekV2's rule; 1 = every later layer).
     impl: dispatch implementation, all exact (dropless): "dense" (every expert on every token,
       masked; fastest on CPU for few tokens, as in decoding), "blocked" (sorted by expert,
       padded to row blocks, batched einsum; for CPU training and prefill), "ragged" (sorted
@@ -212,6 +214,7 @@ class MoEConfig:
   norm_topk_prob: bool = False
   routed_scaling_factor: float = 1.0
   first_k_dense_replace: int = 1
+  moe_layer_freq: int = 1
   impl: Literal["auto", "dense", "blocked", "ragged", "pallas", "ep"] = "auto"
   capacity_factor: float = 0.0
 
@@ -246,6 +249,20 @@ class MoEConfig:
       _check(per_group >= 2, "moe.topk_method='noaux_tc' scores a group by its top-2 experts; "
              "each group needs >= 2 experts (lower n_group).")
     _check(self.first_k_dense_replace >= 0, "moe.first_k_dense_replace must be >= 0.")
+    _check(self.moe_layer_freq >= 1, f"moe.moe_layer_freq={self.moe_layer_freq}; use >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """One decoder layer: the names of its attention kind and feed-forward kind, as registered
+  in dsjax.model.kinds ("mla", "nsa"; "dense", "moe")."""
+
+  attention: str = "mla"
+  ffn: str = "dense"
+
+  def __post_init__(self):
+    _check(isinstance(self.attention, str) and isinstance(self.ffn, str),
+           f"LayerSpec({self.attention!r}, {self.ffn!r}): both kinds are names (strings).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +291,9 @@ class ModelConfig:
     scan_layers: run each layer stack with lax.scan (False unrolls; results are equal).
     remat_policy: activation checkpointing per layer: "none", "full", "dots",
       "dots_with_no_batch_dims".
+    layer_pattern: one LayerSpec per layer (attention kind, feed-forward kind), or () to
+      derive it: `attention` for every layer, and the MoE layers from
+      moe.first_k_dense_replace and moe.moe_layer_freq (see `layer_specs`).
   """
 
   vocab_size: int = 102400
@@ -297,6 +317,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat_policy: str = "none"
+  layer_pattern: tuple[LayerSpec, ...] = ()
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -329,6 +350,16 @@ class ModelConfig:
              f"moe.first_k_dense_replace={self.moe.first_k_dense_replace} exceeds "
              f"num_hidden_layers={self.num_hidden_layers}; lower first_k_dense_replace or "
              "add layers.")
+    if self.layer_pattern:
+      pattern = tuple(LayerSpec(**s) if isinstance(s, dict) else s for s in self.layer_pattern)
+      object.__setattr__(self, "layer_pattern", pattern)
+      _check(all(isinstance(s, LayerSpec) for s in pattern),
+             "layer_pattern holds LayerSpec(attention=..., ffn=...) entries (or such dicts).")
+      _check(len(pattern) == self.num_hidden_layers,
+             f"layer_pattern has {len(pattern)} layers but num_hidden_layers="
+             f"{self.num_hidden_layers}; give one LayerSpec per layer.")
+      _check(self.moe is not None or all(s.ffn != "moe" for s in pattern),
+             "layer_pattern has 'moe' layers but moe=None; add a moe config or use 'dense'.")
     if self.rope.type == "yarn":
       _check(self.rope.original_max_position_embeddings <= self.max_position_embeddings,
              f"rope.original_max_position_embeddings={self.rope.original_max_position_embeddings}"
@@ -337,8 +368,25 @@ class ModelConfig:
 
   # ---- derived sizes ----
   @property
+  def layer_specs(self) -> tuple[LayerSpec, ...]:
+    """Each layer's (attention kind, feed-forward kind): `layer_pattern`, or derived: layer i
+    is MoE when i >= moe.first_k_dense_replace and i % moe.moe_layer_freq == 0."""
+    if self.layer_pattern:
+      return self.layer_pattern
+    moe = self.moe
+    return tuple(
+        LayerSpec(self.attention, "moe" if moe is not None and i >= moe.first_k_dense_replace
+                  and i % moe.moe_layer_freq == 0 else "dense")
+        for i in range(self.num_hidden_layers))
+
+  @property
+  def mtp_spec(self) -> LayerSpec:
+    """The layer inside each MTP module: the model's attention, a MoE feed-forward."""
+    return LayerSpec(self.attention, "dense" if self.moe is None else "moe")
+
+  @property
   def num_dense_layers(self) -> int:
-    return self.num_hidden_layers if self.moe is None else self.moe.first_k_dense_replace
+    return sum(s.ffn != "moe" for s in self.layer_specs)
 
   @property
   def num_moe_layers(self) -> int:
@@ -374,6 +422,11 @@ class ModelConfig:
         bad = set(value) - {f.name for f in dataclasses.fields(sub)}
         _check(not bad, f"Unknown {key} fields {sorted(bad)}; check for typos.")
         d[key] = sub(**value)
+    if d.get("layer_pattern"):
+      d["layer_pattern"] = tuple(
+          s if isinstance(s, LayerSpec) else LayerSpec(**(s.to_dict() if hasattr(s, "to_dict")
+                                                          else dict(s)))
+          for s in d["layer_pattern"])
     return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:
