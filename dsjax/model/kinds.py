@@ -132,6 +132,18 @@ def ffn_kind(name: str) -> type[FeedForwardKind]:
   return _lookup(FFN_KINDS, "feed-forward", name)
 
 
+def attention_kinds() -> dict[str, type[AttentionKind]]:
+  """Every registered attention kind by name (the built-in ones included)."""
+  _load_builtin_kinds()
+  return dict(ATTENTION_KINDS)
+
+
+def ffn_kinds() -> dict[str, type[FeedForwardKind]]:
+  """Every registered feed-forward kind by name (the built-in ones included)."""
+  _load_builtin_kinds()
+  return dict(FFN_KINDS)
+
+
 def _load_builtin_kinds() -> None:
   """The built-in kinds register when their modules are imported."""
   from dsjax.model import mla, mlp, moe, nsa  # noqa: F401
