@@ -11,7 +11,8 @@ batches and the bytes its collectives move per step per device (from the compile
 Part 2, TPU v5p (compile-only, libtpu): one DeepSeek-V3 MoE layer's routed experts, forward
 and backward, at V3's shapes (E=256, K=8, D=7168, F=2048; 4096 tokens per chip) on 64 chips
 with the experts split 64 ways: "ep" vs "ragged" (XLA's layout of the sorted ragged-dot
-dispatch): collective bytes and temporaries per chip.
+dispatch): collective bytes and temporaries per chip, or the compiler's out-of-memory figure
+for a layout that does not fit (then also at fewer tokens per chip, where both compile).
 """
 
 from __future__ import annotations
@@ -97,12 +98,24 @@ def _v3_layer(impl: str, mesh: Mesh):
   return jax.jit(under_mesh(jax.value_and_grad(loss, argnums=(0, 3, 4, 5)), mesh))
 
 
-def part_tpu(topology_name: str) -> None:
-  from dsjax.compile.topology import device_context, get_topology
+def _compile_row(impl: str, mesh, args, devices):
+  """(compiled, None) or (None, the compiler's out-of-memory line)."""
+  from dsjax.compile.topology import device_context
+  try:
+    with device_context(devices):
+      return _v3_layer(impl, mesh).lower(*args).compile(), None
+  except jax.errors.JaxRuntimeError as error:
+    if "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    return None, str(error).split("RESOURCE_EXHAUSTED: ")[-1].strip()
+
+
+def part_tpu(topology_name: str, tokens_per_chip: int) -> None:
+  from dsjax.compile.topology import get_topology
   topology = get_topology(topology_name)
   n = topology.num_devices
   mesh = Mesh(np.array(topology.devices).reshape(1, 1, n, 1), AXES)
-  e, d, f, k, tokens = 256, 7168, 2048, 8, 4096 * n
+  e, d, f, k, tokens = 256, 7168, 2048, 8, tokens_per_chip * n
   rows = NamedSharding(mesh, P(("data", "fsdp", "expert"), None))
   experts = NamedSharding(mesh, P("expert", None, None))
   spec = jax.ShapeDtypeStruct
@@ -111,12 +124,14 @@ def part_tpu(topology_name: str) -> None:
                                                               sharding=rows),
           *(spec(s, jnp.bfloat16, sharding=experts) for s in ((e, d, f), (e, d, f), (e, f, d))))
   print(f"\n# Part 2: one DeepSeek-V3 MoE layer's routed experts, forward + backward, "
-        f"4096 tokens per chip, {topology_name} ({n} chips), experts split {n} ways")
+        f"{tokens_per_chip} tokens per chip, {topology_name} ({n} chips), experts split {n} ways")
   found = {}
   for impl in ("ep", "ragged"):
     began = time.perf_counter()
-    with device_context(topology.devices):
-      compiled = _v3_layer(impl, mesh).lower(*args).compile()
+    compiled, out_of_memory = _compile_row(impl, mesh, args, topology.devices)
+    if compiled is None:
+      print(f"  {impl:8s} does not fit: {out_of_memory}")
+      continue
     stats = compiled.memory_analysis()
     found[impl] = hlo.collectives(compiled.as_text())
     print(f"  {impl:8s} collectives {_gib(found[impl].total_bytes):>12} per chip, temporaries "
@@ -124,19 +139,25 @@ def part_tpu(topology_name: str) -> None:
           f"{time.perf_counter() - began:.0f} s: "
           + ", ".join(f"{kind} {c['count']} x {_gib(c['bytes_per_device'])}"
                       for kind, c in found[impl].to_dict().items()))
-  print(f"  ep / ragged collective bytes: "
-        f"{found['ep'].total_bytes / max(found['ragged'].total_bytes, 1):.4f}x")
+  if len(found) == 2:
+    print(f"  ep / ragged collective bytes: "
+          f"{found['ep'].total_bytes / max(found['ragged'].total_bytes, 1):.4f}x")
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--topology", default="v5p:4x4x4")
+  parser.add_argument("--tpu_tokens", default="4096,1024",
+                      help="comma-separated tokens per chip of the TPU part's rows")
   parser.add_argument("--skip_tpu", action="store_true")
+  parser.add_argument("--skip_cpu", action="store_true")
   args = parser.parse_args()
-  part_cpu(args.steps)
+  if not args.skip_cpu:
+    part_cpu(args.steps)
   if not args.skip_tpu:
-    part_tpu(args.topology)
+    for tokens in map(int, args.tpu_tokens.split(",")):
+      part_tpu(args.topology, tokens)
 
 
 if __name__ == "__main__":
