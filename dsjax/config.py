@@ -1,8 +1,9 @@
 """Model configuration: frozen, documented, validated dataclasses.
 
-`ModelConfig` is the single description of a DeepSeek-family model. It converts from and to
-HuggingFace `config.json` dictionaries (`from_hf` / `to_hf`) and from the nested dictionaries
-of ml_collections experiment configs (`from_dict`). Validation messages say what to change.
+`ModelConfig` is the single description of a DeepSeek-family model. It builds from the nested
+dictionaries of ml_collections experiment configs (`from_dict`); HuggingFace `config.json`
+conversion lives in dsjax.checkpoint.hf_config (`from_hf` / `to_hf`, keyed by model_type), as
+this module imports nothing from the rest of dsjax. Validation messages say what to change.
 """
 
 from __future__ import annotations
@@ -422,7 +423,7 @@ class ModelConfig:
         bad = set(value) - {f.name for f in dataclasses.fields(sub)}
         _check(not bad, f"Unknown {key} fields {sorted(bad)}; check for typos.")
         d[key] = sub(**value)
-    if d.get("layer_pattern"):
+    if "layer_pattern" in d:  # lists from JSON / ConfigDicts from ml_collections
       d["layer_pattern"] = tuple(
           s if isinstance(s, LayerSpec) else LayerSpec(**(s.to_dict() if hasattr(s, "to_dict")
                                                           else dict(s)))
@@ -431,17 +432,6 @@ class ModelConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
-
-  @classmethod
-  def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-    """Builds from a HuggingFace DeepseekV2/V3 `config.json` dictionary."""
-    from dsjax.checkpoint import hf_config  # local import: keeps this module free of conversion tables
-    return hf_config.from_hf(hf)
-
-  def to_hf(self) -> dict[str, Any]:
-    """A `config.json` dictionary for transformers' DeepseekV3ForCausalLM / V2."""
-    from dsjax.checkpoint import hf_config
-    return hf_config.to_hf(self)
 
 
 SUB_CONFIGS = {"mla": MLAConfig, "rope": RopeConfig, "moe": MoEConfig, "nsa": NSAConfig}

@@ -1,12 +1,54 @@
-"""ModelConfig <-> HuggingFace DeepseekV2/V3 `config.json` dictionaries."""
+"""ModelConfig <-> HuggingFace `config.json` dictionaries, keyed by `model_type`.
+
+Each HuggingFace model family registers an `HFConverter` under its `model_type`
+(`register_converter`); `from_hf` dispatches on the dictionary's "model_type" and `to_hf` on
+`hf_model_type(cfg)`. DeepseekV2 and DeepseekV3 are registered below.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import functools
+from typing import Any, Callable
 
 from dsjax.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
+@dataclasses.dataclass(frozen=True)
+class HFConverter:
+  """Conversion between ModelConfig and one HuggingFace model_type's `config.json`.
+
+  from_hf: config.json dictionary -> ModelConfig (raise ValueError for what it cannot load).
+  to_hf: ModelConfig -> config.json dictionary (with "model_type" set).
+  """
+
+  from_hf: Callable[[dict[str, Any]], ModelConfig]
+  to_hf: Callable[[ModelConfig], dict[str, Any]]
+
+
+CONVERTERS: dict[str, HFConverter] = {}
+
+
+def register_converter(model_type: str, converter: HFConverter, *,
+                       replace: bool = False) -> HFConverter:
+  """Registers `converter` for config.json files whose "model_type" is `model_type`."""
+  if model_type in CONVERTERS and not replace:
+    raise ValueError(f"A converter for model_type {model_type!r} is already registered; "
+                     "pass replace=True to override it.")
+  CONVERTERS[model_type] = converter
+  return converter
+
+
+def supported_model_types() -> tuple[str, ...]:
+  """The registered HuggingFace model types, sorted."""
+  return tuple(sorted(CONVERTERS))
+
+
+def __getattr__(name):
+  # SUPPORTED_MODEL_TYPES follows the registry (PEP 562), so later registrations show up.
+  if name == "SUPPORTED_MODEL_TYPES":
+    return supported_model_types()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
@@ -34,9 +76,6 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
 def _moe_from_hf(hf: dict[str, Any], v3: bool) -> MoEConfig | None:
   if not hf.get("n_routed_experts"):
     return None
-  if hf.get("moe_layer_freq", 1) != 1:
-    raise ValueError(f"moe_layer_freq={hf['moe_layer_freq']} is not supported; dsjax places a "
-                     "MoE layer after every one of the first_k_dense_replace dense layers.")
   scoring = hf.get("scoring_func", "sigmoid" if v3 else "softmax")
   topk_method = hf.get("topk_method", "noaux_tc" if v3 else "greedy")
   return MoEConfig(
@@ -47,16 +86,22 @@ def _moe_from_hf(hf: dict[str, Any], v3: bool) -> MoEConfig | None:
       scoring_func=scoring, topk_method=topk_method,
       norm_topk_prob=bool(hf.get("norm_topk_prob", v3)),
       routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-      first_k_dense_replace=hf.get("first_k_dense_replace") or 0)
+      first_k_dense_replace=hf.get("first_k_dense_replace") or 0,
+      moe_layer_freq=int(hf.get("moe_layer_freq") or 1))
 
 
 def from_hf(hf: dict[str, Any]) -> ModelConfig:
-  """ModelConfig from a HuggingFace DeepSeek `config.json` dictionary."""
+  """ModelConfig from a HuggingFace `config.json` dictionary, by its "model_type"."""
   model_type = hf.get("model_type")
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"Unknown model_type {model_type!r} in config.json; dsjax loads "
-                     f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints.")
-  v3 = model_type == "deepseek_v3"
+  if model_type not in CONVERTERS:
+    raise ValueError(f"Unknown model_type {model_type!r} in config.json; registered model "
+                     f"types: {', '.join(supported_model_types()) or '(none)'} (add one with "
+                     "dsjax.checkpoint.hf_config.register_converter).")
+  return CONVERTERS[model_type].from_hf(hf)
+
+
+def _deepseek_from_hf(hf: dict[str, Any], v3: bool) -> ModelConfig:
+  """ModelConfig from a HuggingFace DeepseekV2 (v3=False) / DeepseekV3 `config.json`."""
   missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                          "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
              if hf.get(k) is None]
@@ -95,13 +140,25 @@ def _rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
 
 
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  """A `config.json` dictionary for the HuggingFace model type `hf_model_type(cfg)` picks."""
+  model_type = hf_model_type(cfg)
+  if model_type not in CONVERTERS:
+    raise ValueError(f"No converter registered for model_type {model_type!r}; registered model "
+                     f"types: {', '.join(supported_model_types()) or '(none)'}.")
+  return CONVERTERS[model_type].to_hf(cfg)
+
+
+def _deepseek_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
   """A `config.json` dictionary for transformers' DeepseekV3ForCausalLM / DeepseekV2ForCausalLM."""
   if cfg.attention != "mla":
     raise ValueError(f"attention={cfg.attention!r} has no HuggingFace DeepseekV2/V3 equivalent; "
                      "save NSA models as dsjax (Orbax) checkpoints.")
-  model_type = hf_model_type(cfg)
+  if cfg.layer_specs != cfg.replace(layer_pattern=()).layer_specs:
+    raise ValueError("This layer_pattern is not DeepSeek-V2/V3's (MLA in every layer, MoE from "
+                     "moe.first_k_dense_replace every moe.moe_layer_freq layers); HuggingFace "
+                     "DeepseekV2/V3 cannot describe it: save it as a dsjax (Orbax) checkpoint.")
   moe = cfg.moe
-  if model_type == "deepseek_v3" and moe.topk_method == "group_limited_greedy":
+  if model_type == "deepseek_v3" and moe is not None and moe.topk_method == "group_limited_greedy":
     raise ValueError("transformers' DeepseekV3 has no group_limited_greedy routing; use "
                      "topk_method='noaux_tc' or 'greedy' with sigmoid scoring.")
   hf: dict[str, Any] = {
@@ -132,5 +189,16 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
               topk_group=moe.topk_group, topk_method=moe.topk_method,
               scoring_func=moe.scoring_func, norm_topk_prob=moe.norm_topk_prob,
               routed_scaling_factor=moe.routed_scaling_factor,
-              first_k_dense_replace=moe.first_k_dense_replace)
+              first_k_dense_replace=moe.first_k_dense_replace,
+              # DeepSeek's own modeling code honours this; transformers 5.x's native
+              # DeepseekV2/V3 classes keep it in the config but ignore it (every layer from
+              # first_k_dense_replace on is MoE there).
+              moe_layer_freq=moe.moe_layer_freq)
   return hf
+
+
+for _model_type, _v3 in (("deepseek_v2", False), ("deepseek_v3", True)):
+  register_converter(_model_type, HFConverter(
+      from_hf=functools.partial(_deepseek_from_hf, v3=_v3),
+      to_hf=functools.partial(_deepseek_to_hf, model_type=_model_type)))
+del _model_type, _v3

@@ -10,6 +10,7 @@ import pytest
 from transformers import DeepseekV2Config, DeepseekV3Config
 
 import dsjax
+from dsjax.checkpoint.hf_config import from_hf, to_hf
 from tests import hf_fixtures as hf
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -61,19 +62,19 @@ def _architecture(cfg: dsjax.ModelConfig) -> dsjax.ModelConfig:
 @pytest.mark.parametrize("hf_json, preset", [(DEEPSEEK_V3_JSON, "deepseek_v3_671b.py"),
                                              (DEEPSEEK_V2_LITE_JSON, "deepseek_v2_lite.py")])
 def test_released_config_json_equals_preset(hf_json, preset):
-  from_json = dsjax.ModelConfig.from_hf(hf_json)
+  from_json = from_hf(hf_json)
   assert _architecture(from_json) == _architecture(dsjax.load_config(str(CONFIGS / preset)))
 
 
 @pytest.mark.parametrize("hf_json, config_class", [(DEEPSEEK_V3_JSON, DeepseekV3Config),
                                                    (DEEPSEEK_V2_LITE_JSON, DeepseekV2Config)])
 def test_to_hf_round_trips_through_transformers_config(hf_json, config_class):
-  cfg = dsjax.ModelConfig.from_hf(hf_json)
-  exported = cfg.to_hf()
-  assert dsjax.ModelConfig.from_hf(exported) == cfg
+  cfg = from_hf(hf_json)
+  exported = to_hf(cfg)
+  assert from_hf(exported) == cfg
   through_transformers = config_class(**{k: v for k, v in exported.items()
                                          if k not in ("architectures", "model_type")})
-  reread = dsjax.ModelConfig.from_hf(through_transformers.to_dict())
+  reread = from_hf(through_transformers.to_dict())
   assert _architecture(reread) == _architecture(cfg)
 
 
@@ -98,4 +99,4 @@ def test_legacy_rope_scaling_loads_the_same_model(tmp_path):
 def test_unsupported_rope_type_is_named():
   bad = dict(DEEPSEEK_V2_LITE_JSON, rope_scaling={"type": "dynamic", "factor": 2.0})
   with pytest.raises(ValueError, match="dynamic"):
-    dsjax.ModelConfig.from_hf(bad)
+    from_hf(bad)

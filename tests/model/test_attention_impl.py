@@ -15,6 +15,7 @@ from flax import nnx
 
 import dsjax
 
+from dsjax.checkpoint.hf_config import from_hf, to_hf
 from dsjax.ops import flash_attention
 from dsjax.train.state import check_same_architecture
 from pallas_kernels.attention import BlockSizes
@@ -84,10 +85,10 @@ def test_attention_impl_is_a_validated_runtime_field():
     dsjax.MLAConfig(attention_impl="flash")
   cfg = tiny_config()
   blocked = cfg.replace(mla=dataclasses.replace(cfg.mla, attention_impl="blocked"))
-  hf = blocked.to_hf()
+  hf = to_hf(blocked)
   assert "attention_impl" not in str(hf)
-  assert dsjax.ModelConfig.from_hf(hf).mla == cfg.mla  # "auto", the default
-  check_same_architecture(blocked, dsjax.ModelConfig.from_hf(hf), "ckpt")
+  assert from_hf(hf).mla == cfg.mla  # "auto", the default
+  check_same_architecture(blocked, from_hf(hf), "ckpt")
   other = cfg.replace(mla=dataclasses.replace(cfg.mla, kv_lora_rank=32, attention_impl="blocked"))
   with pytest.raises(ValueError, match="different model"):
     check_same_architecture(other, cfg, "ckpt")

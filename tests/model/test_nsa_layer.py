@@ -88,9 +88,10 @@ def test_nsa_model_scanned_equals_unrolled_and_trains():
 
 def test_hf_export_and_speculative_decoding_refuse_nsa():
   import dsjax
+  from dsjax.checkpoint.hf_config import to_hf
   cfg = _nsa_model_config()
   with pytest.raises(ValueError, match="no HuggingFace DeepseekV2/V3 equivalent"):
-    cfg.to_hf()
+    to_hf(cfg)
   model = nnx.eval_shape(lambda: dsjax.Transformer(cfg, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="speculative='mtp' is not supported"):
     dsjax.generate(model, [[1, 2]], max_new_tokens=2, speculative="mtp")
