@@ -394,11 +394,6 @@ class ModelConfig:
     return self.num_hidden_layers - self.num_dense_layers
 
   @property
-  def rope_dim(self) -> int:
-    """Rotary dims per head: MLA's shared rope key, or NSA's whole head."""
-    return self.nsa.head_dim if self.attention == "nsa" else self.mla.qk_rope_head_dim
-
-  @property
   def softmax_scale(self) -> float:
     """1/sqrt(qk_head_dim), times mscale(factor, mscale_all_dim)^2 under YaRN."""
     scale = self.mla.qk_head_dim ** -0.5

@@ -43,6 +43,13 @@ class DecodeCache(NamedTuple):
       return self.layers[f"{name}_layers"]
     raise AttributeError(f"DecodeCache has no stack {name!r}; stacks: {sorted(self.layers)}")
 
+  def padded(self, slots: int) -> "DecodeCache":
+    """Every stack's cache of T tokens placed at slots 0..T-1 of a cache with `slots` slots
+    (the MTP cache as it is)."""
+    def pad(c):
+      return tuple(map(pad, c)) if type(c) is tuple else c.padded(slots)
+    return self._replace(layers={name: pad(c) for name, c in self.layers.items()})
+
   @property
   def slots(self) -> int:
     first = next(iter(self.layers.values()))
