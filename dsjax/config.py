@@ -170,6 +170,26 @@ class NSAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DSAConfig:
+  """DeepSeek Sparse Attention (DeepSeek-V3.2): a lightning indexer picks, per query, the
+  index_topk earlier tokens that MLA then attends to. Defaults are DeepSeek-V3.2-Exp's.
+
+  Attributes:
+    index_n_heads: indexer query heads (H_I).
+    index_head_dim: indexer query/key dims (D_I); the first qk_rope_head_dim are rotary.
+    index_topk: tokens each query attends to (k); sequences of at most k tokens are dense MLA.
+  """
+
+  index_n_heads: int = 64
+  index_head_dim: int = 128
+  index_topk: int = 2048
+
+  def __post_init__(self):
+    for name in ("index_n_heads", "index_head_dim", "index_topk"):
+      _check(getattr(self, name) > 0, f"dsa.{name}={getattr(self, name)} must be > 0.")
+
+
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
   """DeepSeekMoE: shared experts plus fine-grained routed experts.
 
@@ -276,10 +296,12 @@ class ModelConfig:
     num_hidden_layers: decoder layers of the main model (MTP modules not included).
     num_attention_heads: N.
     intermediate_size: F of the dense SwiGLU MLP (first_k_dense_replace layers).
-    attention: "mla" (Multi-head Latent Attention, DeepSeek-V2/V3) or "nsa" (Native Sparse
-      Attention, GQA-based; dims in `nsa`).
+    attention: "mla" (Multi-head Latent Attention, DeepSeek-V2/V3), "nsa" (Native Sparse
+      Attention, GQA-based; dims in `nsa`) or "dsa" (DeepSeek Sparse Attention, V3.2).
     mla: MLA dimensions (unused by NSA layers).
     nsa: NSA dimensions and block sizes; defaults to NSAConfig() when attention="nsa".
+    dsa: the DSA indexer (attention="dsa", DeepSeek-V3.2: MLA over the indexer's top-k
+      tokens); defaults to DSAConfig() then.
     rope: rotary embedding.
     moe: routed experts; None makes every layer dense.
     num_mtp_layers: multi-token-prediction modules (DeepSeek-V3 has 1).
@@ -305,6 +327,7 @@ class ModelConfig:
   attention: Literal["mla", "nsa"] = "mla"
   mla: MLAConfig = dataclasses.field(default_factory=MLAConfig)
   nsa: NSAConfig | None = None
+  dsa: DSAConfig | None = None
   rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
   moe: MoEConfig | None = dataclasses.field(default_factory=MoEConfig)
   num_mtp_layers: int = 0
@@ -330,14 +353,16 @@ class ModelConfig:
            f"dtype={self.dtype!r}, param_dtype={self.param_dtype!r}; use one of {_DTYPES}.")
     _check(self.remat_policy in REMAT_POLICIES,
            f"remat_policy={self.remat_policy!r}; use one of {REMAT_POLICIES}.")
-    _check(self.attention in ("mla", "nsa"),
-           f"attention={self.attention!r}; use 'mla' or 'nsa'.")
+    _check(self.attention in ("mla", "nsa", "dsa"),
+           f"attention={self.attention!r}; use 'mla', 'nsa' or 'dsa'.")
     if self.attention == "nsa" and self.nsa is None:
       object.__setattr__(self, "nsa", NSAConfig())
+    if self.attention == "dsa" and self.dsa is None:
+      object.__setattr__(self, "dsa", DSAConfig())
     for name, cls in (("mla", MLAConfig), ("rope", RopeConfig), ("moe", MoEConfig),
-                      ("nsa", NSAConfig)):
+                      ("nsa", NSAConfig), ("dsa", DSAConfig)):
       value = getattr(self, name)
-      _check(isinstance(value, cls) or (name in ("moe", "nsa") and value is None),
+      _check(isinstance(value, cls) or (name in ("moe", "nsa", "dsa") and value is None),
              f"{name}={value!r} must be a {cls.__name__}; build nested dicts with "
              "ModelConfig.from_dict.")
     if self.attention == "nsa":
@@ -429,7 +454,8 @@ class ModelConfig:
     return dataclasses.asdict(self)
 
 
-SUB_CONFIGS = {"mla": MLAConfig, "rope": RopeConfig, "moe": MoEConfig, "nsa": NSAConfig}
+SUB_CONFIGS = {"mla": MLAConfig, "rope": RopeConfig, "moe": MoEConfig, "nsa": NSAConfig,
+               "dsa": DSAConfig}
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

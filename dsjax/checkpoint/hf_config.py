@@ -11,7 +11,7 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-from dsjax.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from dsjax.config import DSAConfig, MLAConfig, ModelConfig, MoEConfig, RopeConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +124,10 @@ def _deepseek_from_hf(hf: dict[str, Any], v3: bool) -> ModelConfig:
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
-  """deepseek_v3 for sigmoid routers, deepseek_v2 for softmax routers and dense models."""
+  """deepseek_v32 for DSA models; else deepseek_v3 for sigmoid routers, deepseek_v2 for
+  softmax routers and dense models."""
+  if cfg.attention == "dsa":
+    return "deepseek_v32"
   if cfg.moe is not None and cfg.moe.scoring_func == "sigmoid":
     return "deepseek_v3"
   return "deepseek_v2"
@@ -202,3 +205,27 @@ for _model_type, _v3 in (("deepseek_v2", False), ("deepseek_v3", True)):
       from_hf=functools.partial(_deepseek_from_hf, v3=_v3),
       to_hf=functools.partial(_deepseek_to_hf, model_type=_model_type)))
 del _model_type, _v3
+
+
+def _v32_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """DeepSeek-V3.2: DeepSeek-V3 with the DSA indexer in every layer."""
+  missing = [k for k in ("index_n_heads", "index_head_dim", "index_topk") if hf.get(k) is None]
+  if missing:
+    raise ValueError(f"config.json (deepseek_v32) lacks the indexer fields {missing}.")
+  cfg = _deepseek_from_hf(hf, v3=True)
+  return cfg.replace(attention="dsa", dsa=DSAConfig(
+      index_n_heads=hf["index_n_heads"], index_head_dim=hf["index_head_dim"],
+      index_topk=hf["index_topk"]))
+
+
+def _v32_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  hf = _deepseek_to_hf(cfg.replace(attention="mla", dsa=None), "deepseek_v3")
+  dsa = cfg.dsa
+  hf.update(model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"],
+            index_n_heads=dsa.index_n_heads, index_head_dim=dsa.index_head_dim,
+            index_topk=dsa.index_topk)
+  hf.pop("rope_interleave", None)  # V3.2 has no such setting: MLA is interleaved, the indexer not
+  return hf
+
+
+register_converter("deepseek_v32", HFConverter(from_hf=_v32_from_hf, to_hf=_v32_to_hf))

@@ -36,6 +36,12 @@ BLOCK_TABLE: tuple[tuple[tuple[str, ...], str, int], ...] = (
     (("attn", "kv_norm", "weight"), "self_attn.kv_a_layernorm.weight", VEC),
     (("attn", "wkv_b"), "self_attn.kv_b_proj.weight", LIN(1)),
     (("attn", "wo"), "self_attn.o_proj.weight", LIN(2)),
+    # DeepSeek-V3.2's DSA indexer.
+    (("attn", "indexer", "wq_b"), "self_attn.indexer.wq_b.weight", LIN(1)),
+    (("attn", "indexer", "wk"), "self_attn.indexer.wk.weight", LIN(1)),
+    (("attn", "indexer", "k_norm", "weight"), "self_attn.indexer.k_norm.weight", VEC),
+    (("attn", "indexer", "k_norm", "bias"), "self_attn.indexer.k_norm.bias", VEC),
+    (("attn", "indexer", "weights_proj"), "self_attn.indexer.weights_proj.weight", LIN(1)),
 )
 DENSE_FFN_TABLE = (
     (("ffn", "w1"), "mlp.gate_proj.weight", LIN(1)),
@@ -64,7 +70,8 @@ MTP_SHARED_COPIES = (("embed",), "embed_tokens.weight"), (("head",), "shared_hea
 OPTIONAL = ("mlp.gate.e_score_correction_bias",)
 # The router stays float32 in the file whatever the storage dtype: DeepSeek stores its bias so,
 # and transformers (_keep_in_fp32_modules_strict, since 5.24) holds both tensors in float32.
-FLOAT32_IN_FILE = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+FLOAT32_IN_FILE = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias",
+                   "indexer.weights_proj.weight")
 
 
 @dataclasses.dataclass(frozen=True)

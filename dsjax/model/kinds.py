@@ -146,4 +146,4 @@ def ffn_kinds() -> dict[str, type[FeedForwardKind]]:
 
 def _load_builtin_kinds() -> None:
   """The built-in kinds register when their modules are imported."""
-  from dsjax.model import mla, mlp, moe, nsa  # noqa: F401
+  from dsjax.model import dsa, mla, mlp, moe, nsa  # noqa: F401
