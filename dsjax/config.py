@@ -178,15 +178,20 @@ class DSAConfig:
     index_n_heads: indexer query heads (H_I).
     index_head_dim: indexer query/key dims (D_I); the first qk_rope_head_dim are rotary.
     index_topk: tokens each query attends to (k); sequences of at most k tokens are dense MLA.
+    impl: "gather" (each query reads its k selected latents, MLA absorbed; the default) or
+      "dense" (the reference: the selection as a mask on MLA's expanded attention).
   """
 
   index_n_heads: int = 64
   index_head_dim: int = 128
   index_topk: int = 2048
+  impl: Literal["gather", "dense"] = "gather"
 
   def __post_init__(self):
     for name in ("index_n_heads", "index_head_dim", "index_topk"):
       _check(getattr(self, name) > 0, f"dsa.{name}={getattr(self, name)} must be > 0.")
+    _check(self.impl in ("gather", "dense"),
+           f"dsa.impl={self.impl!r}; use 'gather' or 'dense'.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,11 @@ rope part comes last), per-head weights weights_proj(x) kept in float32. Scores 
 in dsjax.ops.dsa; the selection carries no gradient (DeepSeek trains the indexer with its own
 KL loss).
 
-This module is the dense-mask reference: the top-k selection becomes a [B,T,S] mask on
-MLA's expanded attention. Decoding with the indexer's key cache is not implemented yet.
+Two exact implementations (dsa.impl): "gather" (the default) reads only each query's k
+selected latents, MLA in its absorbed form (dsjax.ops.dsa.sparse_latent_attention, O(T*k)
+memory besides the indexer's [T,S] scores); "dense" is the reference, the selection as a
+[B,T,S] mask on MLA's expanded attention. Decoding with the indexer's key cache is not
+implemented yet.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class DSAttention(MLA):
     dsa = cfg.dsa or DSAConfig()
     self.indexer = Indexer(cfg, dsa, rngs=rngs)
     self.index_topk = dsa.index_topk
+    self.impl = dsa.impl
 
   @classmethod
   def flops_per_token(cls, cfg: ModelConfig, seq_len: int) -> float:
@@ -96,16 +100,25 @@ class DSAttention(MLA):
     attention = 2 * cfg.num_attention_heads * keys * (mla.qk_head_dim + mla.v_head_dim)
     return attention + 2 * dsa.index_n_heads * dsa.index_head_dim * seq_len / 2
 
-  def selection(self, x, ctx: MLAContext) -> jax.Array:
-    """bool [B,1,T,S]: the keys each query attends to (visible and among its top-k)."""
+  def _scores(self, x, ctx: MLAContext):
+    """(index scores [B,T,S], no gradient: the selection is not trained by the LM loss;
+    visible bool [B,T,S])."""
     q_latent = self.q_norm(project(x, self._w("wq_a")))
     scores = jax.lax.stop_gradient(self.indexer.scores(x, q_latent, ctx.cos, ctx.sin))
-    visible = ctx.mask.dense()
-    return dsa_ops.top_k_mask(scores, visible[:, 0], self.index_topk)[:, None]
+    return scores, ctx.mask.dense()[:, 0]
+
+  def selection(self, x, ctx: MLAContext) -> jax.Array:
+    """bool [B,1,T,S]: the keys each query attends to (visible and among its top-k)."""
+    return dsa_ops.top_k_mask(*self._scores(x, ctx), self.index_topk)[:, None]
 
   def attend(self, x, ctx: MLAContext, options) -> jax.Array:
     q_nope, q_pe = self.project_queries(x, ctx.cos, ctx.sin)
     c_kv, k_pe = self.project_latent(x, ctx.cos, ctx.sin)
+    if self.impl == "gather":
+      indices, valid = dsa_ops.top_k(*self._scores(x, ctx), self.index_topk)
+      out = dsa_ops.sparse_latent_attention(q_nope, q_pe, c_kv, k_pe, indices, valid,
+                                            self._w("wkv_b"), self.scale)
+      return project(out, self._w("wo"), 2)
     kv = project(c_kv, self._w("wkv_b"))
     k_nope, v = jnp.split(kv, [self.mla.qk_nope_head_dim], axis=-1)
     k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:-1] + k_pe.shape[-1:])
