@@ -229,3 +229,8 @@ def _v32_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 register_converter("deepseek_v32", HFConverter(from_hf=_v32_from_hf, to_hf=_v32_to_hf))
+# Kimi-K2 (Moonshot) ships DeepSeek-V3's architecture under its own model_type; dsjax writes
+# such models back as deepseek_v3.
+register_converter("kimi_k2", HFConverter(
+    from_hf=functools.partial(_deepseek_from_hf, v3=True),
+    to_hf=functools.partial(_deepseek_to_hf, model_type="deepseek_v3")))

@@ -100,3 +100,20 @@ def test_unsupported_rope_type_is_named():
   bad = dict(DEEPSEEK_V2_LITE_JSON, rope_scaling={"type": "dynamic", "factor": 2.0})
   with pytest.raises(ValueError, match="dynamic"):
     from_hf(bad)
+
+
+def test_kimi_k2_directory_loads_as_deepseek_v3(tmp_path):
+  """A Kimi-K2-style config.json (model_type kimi_k2, DeepseekV3 architecture) gives the V3
+  model: same config and logits as the directory labelled deepseek_v3."""
+  import json
+  import numpy as np
+  import dsjax
+  from tests import hf_fixtures as hf
+  hf.build_torch_model(hf.v3_config(), seed=0).save_pretrained(tmp_path)
+  v3 = dsjax.load_hf_checkpoint(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="kimi_k2")))
+  kimi = dsjax.load_hf_checkpoint(tmp_path)
+  assert kimi.config == v3.config
+  ids = hf.random_ids(v3.config.vocab_size)
+  np.testing.assert_array_equal(hf.dsjax_forward(kimi, ids)[0], hf.dsjax_forward(v3, ids)[0])
