@@ -11,11 +11,13 @@ KL loss).
 Two exact implementations (dsa.impl): "gather" (the default) reads only each query's k
 selected latents, MLA in its absorbed form (dsjax.ops.dsa.sparse_latent_attention, O(T*k)
 memory besides the indexer's [T,S] scores); "dense" is the reference, the selection as a
-[B,T,S] mask on MLA's expanded attention. Decoding with the indexer's key cache is not
-implemented yet.
+[B,T,S] mask on MLA's expanded attention. Decoding keeps the indexer's keys next to MLA's
+latent (DSACache) and selects among the cached tokens at every step.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +25,12 @@ from flax import nnx
 
 from dsjax.config import DSAConfig, ModelConfig
 from dsjax.model.kinds import register_attention
-from dsjax.model.mla import MLA, MLAContext
+from dsjax.model.latent_cache import pad_fields, slots_of, write_fields
+from dsjax.model.mla import MLA, MLAContext, MLADecodeContext
 from dsjax.model.param import AXES, normal_param, ones_param
 from dsjax.ops import dsa as dsa_ops
 from dsjax.ops.attention import dot_product_attention
-from dsjax.ops.linear import project
+from dsjax.ops.linear import OutMajor, project
 from dsjax.ops.rope import apply_rope
 
 
@@ -64,16 +67,38 @@ class Indexer(nnx.Module):
     rot, rest = jnp.split(x, [self.rope_dim], axis=-1)
     return jnp.concatenate([apply_rope(rot, cos, sin, interleave=False), rest], axis=-1)
 
-  def scores(self, x, q_latent, cos, sin) -> jax.Array:
-    """float32 [B,T,S] index scores of the queries of x [B,T,D] (with MLA's normalised query
-    latent [B,T,Q]) against the keys of the same tokens."""
-    q = self._rotate(project(q_latent, self.wq_b[...].astype(self.dtype)), cos, sin)
+  def keys(self, x, cos, sin) -> jax.Array:
+    """The index keys [B,T,D_I] (float32) of tokens x [B,T,D]: what the decode cache keeps."""
     k = self.k_norm(project(x, self.wk[...].astype(self.dtype)))
-    k = self._rotate(k[:, :, None, :], cos, sin)[:, :, 0, :]
+    return self._rotate(k[:, :, None, :], cos, sin)[:, :, 0, :]
+
+  def scores(self, x, q_latent, cos, sin, keys) -> jax.Array:
+    """float32 [B,T,S] index scores of the queries of x [B,T,D] (with MLA's normalised query
+    latent [B,T,Q]) against index keys [B,S,D_I]; no gradient (the LM loss does not train the
+    selection)."""
+    q = self._rotate(project(q_latent, self.wq_b[...].astype(self.dtype)), cos, sin)
     heads = self.weights_proj.shape[-1]
     weights = jnp.einsum("BTD,DH->BTH", x.astype(jnp.float32), self.weights_proj[...]) * (
         heads ** -0.5)
-    return dsa_ops.index_scores(q, k, weights)
+    return jax.lax.stop_gradient(dsa_ops.index_scores(q, keys, weights))
+
+
+class DSACache(NamedTuple):
+  """One DSA layer's decode cache: MLA's latent (c_kv [B,S,C], k_pe [B,S,R]) and the indexer's
+  keys k_index [B,S,D_I]; a stack adds a leading layer axis. Slot s holds position s."""
+  c_kv: jax.Array
+  k_pe: jax.Array
+  k_index: jax.Array
+
+  @property
+  def slots(self) -> int:
+    return slots_of(self)
+
+  def write(self, new: "DSACache", positions) -> "DSACache":
+    return write_fields(self, new, positions)
+
+  def padded(self, slots: int, offset: int = 0) -> "DSACache":
+    return pad_fields(self, slots, offset)
 
 
 @register_attention("dsa")
@@ -100,25 +125,59 @@ class DSAttention(MLA):
     attention = 2 * cfg.num_attention_heads * keys * (mla.qk_head_dim + mla.v_head_dim)
     return attention + 2 * dsa.index_n_heads * dsa.index_head_dim * seq_len / 2
 
-  def _scores(self, x, ctx: MLAContext):
-    """(index scores [B,T,S], no gradient: the selection is not trained by the LM loss;
-    visible bool [B,T,S])."""
+  def _scores(self, x, cos, sin, keys):
     q_latent = self.q_norm(project(x, self._w("wq_a")))
-    scores = jax.lax.stop_gradient(self.indexer.scores(x, q_latent, ctx.cos, ctx.sin))
-    return scores, ctx.mask.dense()[:, 0]
+    return self.indexer.scores(x, q_latent, cos, sin, keys)
 
   def selection(self, x, ctx: MLAContext) -> jax.Array:
     """bool [B,1,T,S]: the keys each query attends to (visible and among its top-k)."""
-    return dsa_ops.top_k_mask(*self._scores(x, ctx), self.index_topk)[:, None]
+    scores = self._scores(x, ctx.cos, ctx.sin, self.indexer.keys(x, ctx.cos, ctx.sin))
+    return dsa_ops.top_k_mask(scores, ctx.mask.dense()[:, 0], self.index_topk)[:, None]
+
+  def _sparse(self, q_nope, q_pe, scores, visible, cache: DSACache) -> jax.Array:
+    """MLA over each query's top-k visible entries of `cache` [B,S,...] -> [B,T,D]."""
+    indices, valid = dsa_ops.top_k(scores, visible, self.index_topk)
+    wkv_b = self._w("wkv_b")
+    wkv_b = wkv_b.in_major() if isinstance(wkv_b, OutMajor) else wkv_b  # decoding's layout
+    out = dsa_ops.sparse_latent_attention(q_nope, q_pe, cache.c_kv, cache.k_pe, indices, valid,
+                                          wkv_b, self.scale)
+    return project(out, self._w("wo"), 2)
+
+  def _new_entries(self, x, cos, sin):
+    """(q_nope, q_pe, these tokens' DSACache entries)."""
+    q_nope, q_pe = self.project_queries(x, cos, sin)
+    c_kv, k_pe = self.project_latent(x, cos, sin)
+    return q_nope, q_pe, DSACache(c_kv, k_pe, self.indexer.keys(x, cos, sin))
 
   def attend(self, x, ctx: MLAContext, options) -> jax.Array:
-    q_nope, q_pe = self.project_queries(x, ctx.cos, ctx.sin)
-    c_kv, k_pe = self.project_latent(x, ctx.cos, ctx.sin)
+    return self.attend_prefill(x, ctx, options)[0]
+
+  def attend_prefill(self, x, ctx: MLAContext, options, lengths=None, slots=None):
+    q_nope, q_pe, entries = self._new_entries(x, ctx.cos, ctx.sin)
+    cache = entries if slots is None else entries.padded(slots)
     if self.impl == "gather":
-      indices, valid = dsa_ops.top_k(*self._scores(x, ctx), self.index_topk)
-      out = dsa_ops.sparse_latent_attention(q_nope, q_pe, c_kv, k_pe, indices, valid,
-                                            self._w("wkv_b"), self.scale)
-      return project(out, self._w("wo"), 2)
+      scores = self._scores(x, ctx.cos, ctx.sin, entries.k_index)
+      return self._sparse(q_nope, q_pe, scores, ctx.mask.dense()[:, 0], entries), cache
+    return self._dense(x, ctx, q_nope, q_pe, entries.c_kv, entries.k_pe), cache
+
+  def attend_decode(self, x, ctx: MLADecodeContext, cache: DSACache, positions, options):
+    """The new tokens select among the cache's visible slots and themselves; the cache is
+    only read (the caller writes the update)."""
+    q_nope, q_pe, new = self._new_entries(x, ctx.cos, ctx.sin)
+    both = DSACache(*(jnp.concatenate([c, n.astype(c.dtype)], axis=1) for c, n in zip(cache, new)))
+    scores = self._scores(x, ctx.cos, ctx.sin, both.k_index)
+    visible = jnp.concatenate([ctx.cache_mask, ctx.new_mask], axis=-1)[:, 0]
+    return self._sparse(q_nope, q_pe, scores, visible, both), new
+
+  def attend_decode_in_place(self, x, ctx: MLADecodeContext, cache: DSACache, positions,
+                             options):
+    q_nope, q_pe, new = self._new_entries(x, ctx.cos, ctx.sin)
+    cache = cache.write(new, positions)
+    scores = self._scores(x, ctx.cos, ctx.sin, cache.k_index)
+    return self._sparse(q_nope, q_pe, scores, ctx.slot_mask[:, 0], cache), cache
+
+  def _dense(self, x, ctx: MLAContext, q_nope, q_pe, c_kv, k_pe) -> jax.Array:
+    """The reference: the selection as a mask on MLA's expanded attention."""
     kv = project(c_kv, self._w("wkv_b"))
     k_nope, v = jnp.split(kv, [self.mla.qk_nope_head_dim], axis=-1)
     k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:-1] + k_pe.shape[-1:])
@@ -127,8 +186,3 @@ class DSAttention(MLA):
     out = dot_product_attention(q, k, v, self.selection(x, ctx), self.scale)
     return project(out, self._w("wo"), 2)
 
-  def _no_decode(self, *_, **__):
-    raise ValueError("DSA decoding (the indexer's key cache) is not implemented yet; run "
-                     "DSA models with forward() / train.py for now.")
-
-  attend_prefill = attend_decode = attend_decode_in_place = _no_decode

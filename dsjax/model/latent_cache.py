@@ -20,21 +20,38 @@ class LatentCache(NamedTuple):
 
   @property
   def slots(self) -> int:
-    c = self.c_kv
-    return c.arrays[0].shape[-2] if hasattr(c, "arrays") else c.shape[-2]
+    return slots_of(self)
 
   def write(self, new: "LatentCache", positions: jax.Array) -> "LatentCache":
     """The cache with new [...,B,T,...] written at slots positions int[B,T]."""
-    return LatentCache(*(write_at_slots(c, n, positions) for c, n in zip(self, new)))
+    return write_fields(self, new, positions)
 
   def padded(self, slots: int, offset: int = 0) -> "LatentCache":
     """This cache of T tokens placed at slots offset..offset+T-1 of a zero cache with `slots`
     slots."""
-    t = self.c_kv.shape[-2]
-    if offset + t > slots:
-      raise ValueError(f"{offset + t} cache entries do not fit in {slots} slots.")
-    def pad(a):
-      widths = [(0, 0)] * a.ndim
-      widths[-2] = (offset, slots - offset - t)
-      return jnp.pad(a, widths)
-    return LatentCache(*map(pad, self))
+    return pad_fields(self, slots, offset)
+
+
+# The slot bookkeeping of caches whose fields are all [...,B,S,F] (one feature axis).
+
+def slots_of(cache) -> int:
+  """S of the first field ([...,B,S,F] arrays or PerLayer buffers of them)."""
+  c = cache[0]
+  return c.arrays[0].shape[-2] if hasattr(c, "arrays") else c.shape[-2]
+
+
+def write_fields(cache, new, positions: jax.Array):
+  """`cache` with every field's new [...,B,T,F] entries written at slots positions int[B,T]."""
+  return type(cache)(*(write_at_slots(c, n, positions) for c, n in zip(cache, new)))
+
+
+def pad_fields(cache, slots: int, offset: int = 0):
+  """A cache of T tokens placed at slots offset..offset+T-1 of a zero cache of `slots` slots."""
+  t = cache[0].shape[-2]
+  if offset + t > slots:
+    raise ValueError(f"{offset + t} cache entries do not fit in {slots} slots.")
+  def pad(a):
+    widths = [(0, 0)] * a.ndim
+    widths[-2] = (offset, slots - offset - t)
+    return jnp.pad(a, widths)
+  return type(cache)(*map(pad, cache))

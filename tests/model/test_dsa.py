@@ -67,3 +67,74 @@ def test_packed_documents_stay_apart(ids):
   packed, _ = _value_and_grad(model, ids, segment_ids)
   alone, _ = _value_and_grad(model, ids[:, 10:])
   np.testing.assert_allclose(packed[:, 10:], alone, atol=1e-5)
+
+
+def _decode_logits(model, ids, prompt, slots=32):
+  out, cache = model.prefill(ids[:, :prompt], slots=slots)
+  logits = []
+  for t in range(prompt, ids.shape[1]):
+    positions = jnp.full((ids.shape[0], 1), t, jnp.int32)
+    step, _, cache = model.decode(ids[:, t:t + 1], positions, cache)
+    logits.append(step)
+  return out.logits, jnp.concatenate(logits, axis=1), cache
+
+
+def test_prefill_and_decode_equal_the_forward(ids):
+  model = _model("gather")
+  full, _ = _value_and_grad(model, ids)
+  prompt_logits, decoded, cache = _decode_logits(model, ids, 9)
+  np.testing.assert_allclose(prompt_logits, full[:, :9], atol=1e-5)
+  np.testing.assert_allclose(decoded, full[:, 9:], atol=1e-4)
+  c = cache.dense
+  assert c.k_index.shape[-1] == DSA.index_head_dim and c.slots == 32
+
+
+def test_generate_equals_greedy_argmax(ids):
+  import dsjax
+  model = _model("gather")
+  prompt = [int(t) for t in ids[0, :7]]
+  generated = dsjax.generate(model, [prompt], max_new_tokens=6, temperature=0.0)[0]
+  seq = list(prompt)
+  for _ in range(6):
+    logits, _ = _value_and_grad(model, jnp.asarray([seq], jnp.int32))
+    seq.append(int(jnp.argmax(logits[0, -1])))
+  assert generated == seq[len(prompt):]
+
+
+def test_decode_reads_only_the_selected_latents(ids, monkeypatch):
+  """Corrupting every cached latent (c_kv, k_pe) that no query of a decode step selects leaves
+  the step's logits bit-identical (unrolled, eager: each layer's selection is recorded as it
+  runs); the indexer's own keys are read for every slot."""
+  from dsjax.model import dsa as dsa_module
+  model = _model("gather")
+  prompt = 16
+  _, cache = model.prefill(ids[:, :prompt], slots=20)
+  positions = jnp.full((ids.shape[0], 1), prompt, jnp.int32)
+  recorded = []
+  top_k = dsa_module.dsa_ops.top_k
+
+  def recording_top_k(scores, visible, k):
+    indices, valid = top_k(scores, visible, k)
+    recorded.append(np.asarray(jnp.where(valid, indices, -1)))
+    return indices, valid
+  monkeypatch.setattr(dsa_module.dsa_ops, "top_k", recording_top_k)
+  logits, _, _ = model.decode(ids[:, prompt:prompt + 1], positions, cache, scan=False)
+  monkeypatch.undo()
+  # One recording per layer, in layer order: the stacks' caches hold their layers in order.
+  layers, offset = {}, 0
+  for name, c in cache.layers.items():
+    count, batch, slots = c.c_kv.shape[:3]
+    keep = np.zeros((count, batch, slots), bool)
+    for layer in range(count):
+      chosen = recorded[offset + layer]  # [B,T,k]; slots >= `slots` are the new token
+      for b in range(batch):
+        picked = chosen[b][(chosen[b] >= 0) & (chosen[b] < slots)]
+        keep[layer, b, picked] = True
+    offset += count
+    # The latents (what attention reads); the indexer's keys are read for every slot.
+    layers[name] = c._replace(**{f: jnp.where(jnp.asarray(keep)[..., None], getattr(c, f), 1e3)
+                                 for f in ("c_kv", "k_pe")})
+    assert (~keep[:, :, :prompt]).sum() >= count * batch * (prompt - DSA.index_topk)
+  noisy_logits, _, _ = model.decode(ids[:, prompt:prompt + 1], positions,
+                                    cache._replace(layers=layers), scan=False)
+  np.testing.assert_array_equal(np.asarray(noisy_logits), np.asarray(logits))
