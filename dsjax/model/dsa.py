@@ -129,11 +129,6 @@ class DSAttention(MLA):
     q_latent = self.q_norm(project(x, self._w("wq_a")))
     return self.indexer.scores(x, q_latent, cos, sin, keys)
 
-  def selection(self, x, ctx: MLAContext) -> jax.Array:
-    """bool [B,1,T,S]: the keys each query attends to (visible and among its top-k)."""
-    scores = self._scores(x, ctx.cos, ctx.sin, self.indexer.keys(x, ctx.cos, ctx.sin))
-    return dsa_ops.top_k_mask(scores, ctx.mask.dense()[:, 0], self.index_topk)[:, None]
-
   def _sparse(self, q_nope, q_pe, scores, visible, cache: DSACache) -> jax.Array:
     """MLA over each query's top-k visible entries of `cache` [B,S,...] -> [B,T,D]."""
     indices, valid = dsa_ops.top_k(scores, visible, self.index_topk)
@@ -155,10 +150,12 @@ class DSAttention(MLA):
   def attend_prefill(self, x, ctx: MLAContext, options, lengths=None, slots=None):
     q_nope, q_pe, entries = self._new_entries(x, ctx.cos, ctx.sin)
     cache = entries if slots is None else entries.padded(slots)
+    scores = self._scores(x, ctx.cos, ctx.sin, entries.k_index)
+    visible = ctx.mask.dense()[:, 0]
     if self.impl == "gather":
-      scores = self._scores(x, ctx.cos, ctx.sin, entries.k_index)
-      return self._sparse(q_nope, q_pe, scores, ctx.mask.dense()[:, 0], entries), cache
-    return self._dense(x, ctx, q_nope, q_pe, entries.c_kv, entries.k_pe), cache
+      return self._sparse(q_nope, q_pe, scores, visible, entries), cache
+    selected = dsa_ops.top_k_mask(scores, visible, self.index_topk)[:, None]
+    return self._dense(q_nope, q_pe, entries.c_kv, entries.k_pe, selected), cache
 
   def attend_decode(self, x, ctx: MLADecodeContext, cache: DSACache, positions, options):
     """The new tokens select among the cache's visible slots and themselves; the cache is
@@ -176,13 +173,13 @@ class DSAttention(MLA):
     scores = self._scores(x, ctx.cos, ctx.sin, cache.k_index)
     return self._sparse(q_nope, q_pe, scores, ctx.slot_mask[:, 0], cache), cache
 
-  def _dense(self, x, ctx: MLAContext, q_nope, q_pe, c_kv, k_pe) -> jax.Array:
-    """The reference: the selection as a mask on MLA's expanded attention."""
+  def _dense(self, q_nope, q_pe, c_kv, k_pe, selected) -> jax.Array:
+    """The reference: the selection (bool [B,1,T,S]) as a mask on MLA's expanded attention."""
     kv = project(c_kv, self._w("wkv_b"))
     k_nope, v = jnp.split(kv, [self.mla.qk_nope_head_dim], axis=-1)
     k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:-1] + k_pe.shape[-1:])
     q = jnp.concatenate([q_nope, q_pe], axis=-1)
     k = jnp.concatenate([k_nope, k_pe], axis=-1)
-    out = dot_product_attention(q, k, v, self.selection(x, ctx), self.scale)
+    out = dot_product_attention(q, k, v, selected, self.scale)
     return project(out, self._w("wo"), 2)
 
