@@ -180,18 +180,27 @@ class DSAConfig:
     index_topk: tokens each query attends to (k); sequences of at most k tokens are dense MLA.
     impl: "gather" (each query reads its k selected latents, MLA absorbed; the default) or
       "dense" (the reference: the selection as a mask on MLA's expanded attention).
+    index_precision: "exact" (float32 scores) or "fp8" (DeepSeek's deployed indexer: queries
+      and keys rotated by a Hadamard matrix and quantised to e4m3 with power-of-two scales per
+      128 channels before scoring; the selection then matches DeepSeek's kernels).
   """
 
   index_n_heads: int = 64
   index_head_dim: int = 128
   index_topk: int = 2048
   impl: Literal["gather", "dense"] = "gather"
+  index_precision: Literal["exact", "fp8"] = "exact"
 
   def __post_init__(self):
     for name in ("index_n_heads", "index_head_dim", "index_topk"):
       _check(getattr(self, name) > 0, f"dsa.{name}={getattr(self, name)} must be > 0.")
     _check(self.impl in ("gather", "dense"),
            f"dsa.impl={self.impl!r}; use 'gather' or 'dense'.")
+    _check(self.index_precision in ("exact", "fp8"),
+           f"dsa.index_precision={self.index_precision!r}; use 'exact' or 'fp8'.")
+    _check(self.index_precision == "exact" or not self.index_head_dim & (self.index_head_dim - 1),
+           f"dsa.index_precision='fp8' rotates by a Hadamard matrix, which needs a power-of-two "
+           f"dsa.index_head_dim (not {self.index_head_dim}; DeepSeek-V3.2: 128).")
 
 
 @dataclasses.dataclass(frozen=True)

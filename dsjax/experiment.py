@@ -34,6 +34,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         z_loss=0.0,              # weight of mean(logsumexp(logits)^2); 0 disables
         router_bias_update="auto",  # aux-loss-free balancing: auto (= on for sigmoid), on, off
         router_bias_rate=1e-3,   # gamma of bias += gamma * sign(mean_load - load)
+        dsa_stage="off",         # DSA models: off, dense_warmup or sparse (DeepSeek-V3.2)
+        indexer_loss_weight=1.0,  # weight of the DSA indexers' KL loss in the sparse stage
         init_from="",            # HF or dsjax Orbax model dir to fine-tune from
         sample_prompt="The ",    # prompt of the sample printed at the end ("" disables)
         sample_tokens=160),

@@ -19,6 +19,14 @@ class ModelContext(NamedTuple):
   attention: dict[str, Any]
 
 
+class LayerAux(NamedTuple):
+  """A layer's auxiliary outputs: its feed-forward's (Routing for MoE layers, else None) and
+  its attention's training losses ({name: float32 scalar}, see AttentionKind.attend_with_loss,
+  else None)."""
+  routing: Any = None
+  attention: dict | None = None
+
+
 class Block(nnx.Module):
   """x -> x + attn(attn_norm(x)) -> x + ffn(ffn_norm(x)), through the residual stream."""
 
@@ -30,17 +38,19 @@ class Block(nnx.Module):
     self.residual = PlainResidual()
     self.attention_name = spec.attention
 
-  def __call__(self, x, ctx: ModelContext, options) -> tuple[jax.Array, Any]:
-    """(x, the feed-forward's auxiliary output: Routing for MoE layers, else None)."""
-    h = self.attn.attend(self._attn_input(x), self._attn_ctx(ctx), options)
-    return self._ffn(self.residual.write(x, h), ctx, options)
+  def __call__(self, x, ctx: ModelContext, options) -> tuple[jax.Array, LayerAux]:
+    """(x, the layer's LayerAux)."""
+    h, losses = self.attn.attend_with_loss(self._attn_input(x), self._attn_ctx(ctx), options)
+    x, routing = self._ffn(self.residual.write(x, h), ctx, options)
+    return x, LayerAux(routing, losses)
 
   def prefill(self, x, ctx: ModelContext, options, lengths=None, slots: int | None = None):
-    """(x, aux, the layer's decode cache with `slots` slots for rows of `lengths`)."""
+    """(x, LayerAux (routing only), the layer's decode cache with `slots` slots for rows of
+    `lengths`)."""
     h, cache = self.attn.attend_prefill(self._attn_input(x), self._attn_ctx(ctx), options,
                                         lengths, slots)
-    x, aux = self._ffn(self.residual.write(x, h), ctx, options)
-    return x, aux, cache
+    x, routing = self._ffn(self.residual.write(x, h), ctx, options)
+    return x, LayerAux(routing), cache
 
   def decode(self, x, ctx: ModelContext, cache, options):
     """(x, the layer's cache update): reads `cache`, the caller writes the update."""
@@ -113,10 +123,9 @@ def write_caches(cache, update, positions):
   return cache.write(update, positions)
 
 
-def flatten_aux(aux) -> list:
-  """The non-None auxiliary outputs of a layer or group, in layer order."""
-  if aux is None:
-    return []
+def flatten_aux(aux) -> list[LayerAux]:
+  """The LayerAux of a layer or stack (arrays stacked per layer) or of a group's slots, in
+  layer order."""
   if is_group_tuple(aux):
     return [a for item in aux for a in flatten_aux(item)]
   return [aux]

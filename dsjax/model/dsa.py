@@ -29,9 +29,13 @@ from dsjax.model.latent_cache import pad_fields, slots_of, write_fields
 from dsjax.model.mla import MLA, MLAContext, MLADecodeContext
 from dsjax.model.param import AXES, normal_param, ones_param
 from dsjax.ops import dsa as dsa_ops
-from dsjax.ops.attention import dot_product_attention
+from dsjax.ops.attention import DENSE_MAX_LOGITS, AttentionMask, dot_product_attention
 from dsjax.ops.linear import OutMajor, project
 from dsjax.ops.rope import apply_rope
+
+
+DSA_STAGES = ("dense_warmup", "sparse")
+SCORE_BLOCK = 512  # query and key block of the blocked index scoring
 
 
 class LayerNorm(nnx.Module):
@@ -51,7 +55,8 @@ class LayerNorm(nnx.Module):
 
 
 class Indexer(nnx.Module):
-  """The lightning indexer of one DSA layer."""
+  """The lightning indexer of one DSA layer. Its inputs are detached: the LM loss reaches it
+  only through the selection (no gradient) and its own KL loss reaches nothing else."""
 
   def __init__(self, cfg: ModelConfig, dsa: DSAConfig, *, rngs: nnx.Rngs):
     d, q, std, pdt = cfg.hidden_size, cfg.mla.q_lora_rank, cfg.initializer_range, cfg.param_dtype
@@ -61,26 +66,33 @@ class Indexer(nnx.Module):
     self.k_norm = LayerNorm(dim, 1e-6, "head_dim", pdt)
     self.weights_proj = normal_param(rngs, (d, h), ("embed", "heads"), std, "float32")
     self.rope_dim = cfg.mla.qk_rope_head_dim
+    self.fp8 = dsa.index_precision == "fp8"
     self.dtype = cfg.dtype
 
   def _rotate(self, x, cos, sin):
+    """Rotary on the first rope_dim dims, then (FP8 mode) DeepSeek's Hadamard rotation in
+    bfloat16 and the e4m3 round trip."""
     rot, rest = jnp.split(x, [self.rope_dim], axis=-1)
-    return jnp.concatenate([apply_rope(rot, cos, sin, interleave=False), rest], axis=-1)
+    x = jnp.concatenate([apply_rope(rot, cos, sin, interleave=False), rest], axis=-1)
+    if not self.fp8:
+      return x
+    return dsa_ops.fp8_round_trip(dsa_ops.hadamard(x.astype(jnp.bfloat16)))
 
   def keys(self, x, cos, sin) -> jax.Array:
     """The index keys [B,T,D_I] (float32) of tokens x [B,T,D]: what the decode cache keeps."""
+    x = jax.lax.stop_gradient(x)
     k = self.k_norm(project(x, self.wk[...].astype(self.dtype)))
     return self._rotate(k[:, :, None, :], cos, sin)[:, :, 0, :]
 
-  def scores(self, x, q_latent, cos, sin, keys) -> jax.Array:
-    """float32 [B,T,S] index scores of the queries of x [B,T,D] (with MLA's normalised query
-    latent [B,T,Q]) against index keys [B,S,D_I]; no gradient (the LM loss does not train the
-    selection)."""
+  def queries(self, x, q_latent, cos, sin) -> tuple[jax.Array, jax.Array]:
+    """(index queries [B,T,H_I,D_I], head weights float32 [B,T,H_I] including H_I^-0.5) of
+    tokens x [B,T,D] with MLA's normalised query latent [B,T,Q]."""
+    x, q_latent = jax.lax.stop_gradient((x, q_latent))
     q = self._rotate(project(q_latent, self.wq_b[...].astype(self.dtype)), cos, sin)
     heads = self.weights_proj.shape[-1]
     weights = jnp.einsum("BTD,DH->BTH", x.astype(jnp.float32), self.weights_proj[...]) * (
         heads ** -0.5)
-    return jax.lax.stop_gradient(dsa_ops.index_scores(q, keys, weights))
+    return q, weights
 
 
 class DSACache(NamedTuple):
@@ -125,17 +137,26 @@ class DSAttention(MLA):
     attention = 2 * cfg.num_attention_heads * keys * (mla.qk_head_dim + mla.v_head_dim)
     return attention + 2 * dsa.index_n_heads * dsa.index_head_dim * seq_len / 2
 
-  def _scores(self, x, cos, sin, keys):
-    q_latent = self.q_norm(project(x, self._w("wq_a")))
-    return self.indexer.scores(x, q_latent, cos, sin, keys)
+  def _queries(self, x, cos, sin):
+    return self.indexer.queries(x, self.q_norm(project(x, self._w("wq_a"))), cos, sin)
 
-  def _sparse(self, q_nope, q_pe, scores, visible, cache: DSACache) -> jax.Array:
-    """MLA over each query's top-k visible entries of `cache` [B,S,...] -> [B,T,D]."""
-    indices, valid = dsa_ops.top_k(scores, visible, self.index_topk)
+  def _select(self, q, weights, keys, mask: AttentionMask | None = None, visible=None):
+    """(indices, valid) [B,T,k] of each query's top-k keys: over bool visible [B,T,S], or over
+    an AttentionMask, scored in blocks (dsa.blocked_top_k) once [T,S] scores would be large."""
+    if visible is None and q.shape[1] * keys.shape[1] >= DENSE_MAX_LOGITS:
+      return dsa_ops.blocked_top_k(q, keys, weights, dsa_ops.mask_block(mask, SCORE_BLOCK),
+                                   self.index_topk, SCORE_BLOCK)
+    visible = mask.dense()[:, 0] if visible is None else visible
+    return dsa_ops.top_k(dsa_ops.index_scores(q, keys, weights), visible, self.index_topk)
+
+  def _wkv_b(self):
     wkv_b = self._w("wkv_b")
-    wkv_b = wkv_b.in_major() if isinstance(wkv_b, OutMajor) else wkv_b  # decoding's layout
+    return wkv_b.in_major() if isinstance(wkv_b, OutMajor) else wkv_b  # decoding's layout
+
+  def _sparse(self, q_nope, q_pe, indices, valid, cache: DSACache) -> jax.Array:
+    """MLA over each query's selected entries of `cache` [B,S,...] -> [B,T,D]."""
     out = dsa_ops.sparse_latent_attention(q_nope, q_pe, cache.c_kv, cache.k_pe, indices, valid,
-                                          wkv_b, self.scale)
+                                          self._wkv_b(), self.scale)
     return project(out, self._w("wo"), 2)
 
   def _new_entries(self, x, cos, sin):
@@ -150,36 +171,81 @@ class DSAttention(MLA):
   def attend_prefill(self, x, ctx: MLAContext, options, lengths=None, slots=None):
     q_nope, q_pe, entries = self._new_entries(x, ctx.cos, ctx.sin)
     cache = entries if slots is None else entries.padded(slots)
-    scores = self._scores(x, ctx.cos, ctx.sin, entries.k_index)
-    visible = ctx.mask.dense()[:, 0]
+    q, weights = self._queries(x, ctx.cos, ctx.sin)
     if self.impl == "gather":
-      return self._sparse(q_nope, q_pe, scores, visible, entries), cache
+      indices, valid = self._select(q, weights, entries.k_index, ctx.mask)
+      return self._sparse(q_nope, q_pe, indices, valid, entries), cache
+    visible = ctx.mask.dense()[:, 0]
+    scores = dsa_ops.index_scores(q, entries.k_index, weights)
     selected = dsa_ops.top_k_mask(scores, visible, self.index_topk)[:, None]
     return self._dense(q_nope, q_pe, entries.c_kv, entries.k_pe, selected), cache
+
+  def attend_with_loss(self, x, ctx: MLAContext, options):
+    """Training in DeepSeek-V3.2's stages (options.dsa_stage): (out, {"indexer_kl": the mean
+    over real query tokens of KL(p_t || softmax(I_t))}), p_t the main attention's
+    distribution summed over heads and L1-normalised (no gradient). "dense_warmup": dense
+    attention, KL over every visible key; "sparse": the sparse attention, KL over the
+    selected keys. The indexer's inputs are detached (Indexer), so the KL trains only the
+    indexer and the LM loss only the rest."""
+    stage = options.dsa_stage
+    if stage is None:
+      return self.attend(x, ctx, options), None
+    if stage not in DSA_STAGES:
+      raise ValueError(f"dsa_stage={stage!r}; use one of {DSA_STAGES} (or None: inference).")
+    q_nope, q_pe, entries = self._new_entries(x, ctx.cos, ctx.sin)
+    q, weights = self._queries(x, ctx.cos, ctx.sin)
+    if stage == "dense_warmup":
+      visible = ctx.mask.dense()[:, 0]
+      out, probs = self._dense_with_probs(q_nope, q_pe, entries.c_kv, entries.k_pe, visible)
+      scores = dsa_ops.index_scores(q, entries.k_index, weights)
+    else:
+      indices, visible = self._select(q, weights, entries.k_index, ctx.mask)
+      probs, c_sel = dsa_ops.selected_probs(q_nope, q_pe, entries.c_kv, entries.k_pe, indices,
+                                            visible, self._wkv_b(), self.scale)
+      out = project(dsa_ops.values_from_probs(probs, c_sel, self._wkv_b(), q_nope.shape[-1]),
+                    self._w("wo"), 2)
+      scores = dsa_ops.scores_at(q, entries.k_index, weights, indices)
+    kl = dsa_ops.indexer_kl(dsa_ops.head_mean(probs), scores, visible)
+    real = (jnp.ones(kl.shape, jnp.float32) if ctx.mask.q_segment_ids is None
+            else (ctx.mask.q_segment_ids > 0).astype(jnp.float32))
+    return out, {"indexer_kl": jnp.sum(kl * real) / jnp.maximum(jnp.sum(real), 1.0)}
 
   def attend_decode(self, x, ctx: MLADecodeContext, cache: DSACache, positions, options):
     """The new tokens select among the cache's visible slots and themselves; the cache is
     only read (the caller writes the update)."""
     q_nope, q_pe, new = self._new_entries(x, ctx.cos, ctx.sin)
     both = DSACache(*(jnp.concatenate([c, n.astype(c.dtype)], axis=1) for c, n in zip(cache, new)))
-    scores = self._scores(x, ctx.cos, ctx.sin, both.k_index)
+    q, weights = self._queries(x, ctx.cos, ctx.sin)
     visible = jnp.concatenate([ctx.cache_mask, ctx.new_mask], axis=-1)[:, 0]
-    return self._sparse(q_nope, q_pe, scores, visible, both), new
+    indices, valid = self._select(q, weights, both.k_index, visible=visible)
+    return self._sparse(q_nope, q_pe, indices, valid, both), new
 
   def attend_decode_in_place(self, x, ctx: MLADecodeContext, cache: DSACache, positions,
                              options):
     q_nope, q_pe, new = self._new_entries(x, ctx.cos, ctx.sin)
     cache = cache.write(new, positions)
-    scores = self._scores(x, ctx.cos, ctx.sin, cache.k_index)
-    return self._sparse(q_nope, q_pe, scores, ctx.slot_mask[:, 0], cache), cache
+    q, weights = self._queries(x, ctx.cos, ctx.sin)
+    indices, valid = self._select(q, weights, cache.k_index, visible=ctx.slot_mask[:, 0])
+    return self._sparse(q_nope, q_pe, indices, valid, cache), cache
 
-  def _dense(self, q_nope, q_pe, c_kv, k_pe, selected) -> jax.Array:
-    """The reference: the selection (bool [B,1,T,S]) as a mask on MLA's expanded attention."""
+  def _dense_with_probs(self, q_nope, q_pe, c_kv, k_pe, visible):
+    """Dense MLA over bool visible [B,T,S] -> (out [B,T,D], probabilities [B,T,N,S])."""
+    q, k, v = self._expanded(q_nope, q_pe, c_kv, k_pe)
+    probs = dsa_ops.dense_probs(q, k, visible[:, None], self.scale)
+    out = jnp.einsum("BTNS,BSNH->BTNH", probs.astype(v.dtype), v)
+    return project(out, self._w("wo"), 2), probs
+
+  def _expanded(self, q_nope, q_pe, c_kv, k_pe):
+    """MLA's expanded per-head q [B,T,N,Hn+R], k [B,S,N,Hn+R], v [B,S,N,Hv]."""
     kv = project(c_kv, self._w("wkv_b"))
     k_nope, v = jnp.split(kv, [self.mla.qk_nope_head_dim], axis=-1)
     k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:-1] + k_pe.shape[-1:])
     q = jnp.concatenate([q_nope, q_pe], axis=-1)
-    k = jnp.concatenate([k_nope, k_pe], axis=-1)
+    return q, jnp.concatenate([k_nope, k_pe], axis=-1), v
+
+  def _dense(self, q_nope, q_pe, c_kv, k_pe, selected) -> jax.Array:
+    """The reference: the selection (bool [B,1,T,S]) as a mask on MLA's expanded attention."""
+    q, k, v = self._expanded(q_nope, q_pe, c_kv, k_pe)
     out = dot_product_attention(q, k, v, selected, self.scale)
     return project(out, self._w("wo"), 2)
 

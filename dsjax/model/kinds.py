@@ -69,6 +69,12 @@ class AttentionKind(nnx.Module):
   def attend(self, x, ctx, options) -> jax.Array:
     raise NotImplementedError
 
+  def attend_with_loss(self, x, ctx, options) -> tuple[jax.Array, dict | None]:
+    """(attend's output, the kind's training losses {name: float32 scalar} or None). Kinds
+    with a loss of their own (DSA's indexer) override this; the model sums each name over
+    its layers (ModelOutput.attention_losses)."""
+    return self.attend(x, ctx, options), None
+
   def attend_prefill(self, x, ctx, options, lengths=None, slots: int | None = None):
     """(out, the layer's decode cache with `slots` slots (default T); lengths int[B]: each
     row's prompt length, default T)."""

@@ -10,15 +10,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig
-from dsjax.model.block import Block
+from dsjax.model.block import Block, LayerAux
 from dsjax.model.norm import RMSNorm
 from dsjax.model.param import normal_param
-from dsjax.ops.routing import Routing
 
 
 class MTPModule(nnx.Module):
   """(embedded next tokens [B,T,D], previous hidden [B,T,D]) -> (normalised hidden [B,T,D],
-  routing of its MoE layer or None). Its layer is a Block of cfg.mtp_spec."""
+  its block's LayerAux: routing of its MoE layer, attention losses). Its layer is a Block of cfg.mtp_spec."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, eps, pdt = cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype
@@ -29,9 +28,9 @@ class MTPModule(nnx.Module):
     self.norm = RMSNorm(d, eps, "embed", pdt)  # DeepSeek's shared_head.norm
     self.dtype = cfg.dtype
 
-  def __call__(self, embedded, hidden, ctx, options) -> tuple[jax.Array, Routing | None]:
-    x, routing = self.block(self._mix(embedded, hidden), ctx, options)
-    return self.norm(x), routing
+  def __call__(self, embedded, hidden, ctx, options) -> tuple[jax.Array, LayerAux]:
+    x, aux = self.block(self._mix(embedded, hidden), ctx, options)
+    return self.norm(x), aux
 
   def prefill(self, embedded, hidden, ctx, options):
     """(normalised hidden, the block's decode cache of these tokens)."""

@@ -18,12 +18,18 @@ class RunOptions:
     select_impl: NSA selection ("gather", "pallas", "auto"), None for nsa.select_impl.
     scan: run each layer stack with lax.scan (True) or unrolled (False); None for
       scan_layers.
+    dsa_stage: the only option that changes what is computed, for training DSA layers
+      (DeepSeek-V3.2): None (inference: sparse attention, no indexer loss), "dense_warmup"
+      (dense attention; the indexer learns the attention distribution over all visible keys)
+      or "sparse" (sparse attention; the indexer learns it over its selected keys). Both
+      stages return the indexer's KL loss as the layers' auxiliary output.
   """
 
   moe_impl: str | None = None
   attn_impl: str = "absorb"
   select_impl: str | None = None
   scan: bool | None = None
+  dsa_stage: str | None = None
 
 
 DEFAULT = RunOptions()

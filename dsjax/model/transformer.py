@@ -24,10 +24,21 @@ from dsjax.parallel.activations import LOGITS, TOKENS, constrain
 
 class ModelOutput(NamedTuple):
   """logits [B,T,V]; hidden [B,T,D] (final, normalised); routing of the MoE layers stacked as
-  [L_moe, B*T, ...] in dsjax.model.pattern.routed_rows order (None without MoE layers)."""
+  [L_moe, B*T, ...] in dsjax.model.pattern.routed_rows order (None without MoE layers);
+  attention_losses: each attention training loss by name (AttentionKind.attend_with_loss),
+  float32 [layers that have it] (empty without any)."""
   logits: jax.Array
   hidden: jax.Array
   routing: Routing | None
+  attention_losses: dict = {}
+
+
+class MTPOutput(NamedTuple):
+  """One MTP depth's logits [B,T-k,V], routing [1,B*(T-k),...] (None without MoE) and
+  attention losses (as ModelOutput's, [1] per name)."""
+  logits: jax.Array
+  routing: Routing | None
+  attention_losses: dict
 
 
 class DecodeCache(NamedTuple):
@@ -62,6 +73,19 @@ def _concat(items: list):
   if not items:
     return None
   return jax.tree.map(lambda *a: jnp.concatenate(a), *items) if len(items) > 1 else items[0]
+
+
+def _routing(aux: list) -> Routing | None:
+  return _concat([a.routing for a in aux if a.routing is not None])
+
+
+def _attention_losses(aux: list) -> dict:
+  """{name: float32 [layers]} from the layers' LayerAux (scalars, or [L] for a stack)."""
+  losses = {}
+  for a in aux:
+    for name, value in (a.attention or {}).items():
+      losses.setdefault(name, []).append(jnp.reshape(value, (-1,)))
+  return {name: jnp.concatenate(values) for name, values in losses.items()}
 
 
 class Transformer(nnx.Module):
@@ -142,7 +166,7 @@ class Transformer(nnx.Module):
       x, stack_aux = stack(x, ctx, options)
       aux += flatten_aux(stack_aux)
     logits, hidden = self._final(x)
-    return ModelOutput(logits, hidden, _concat(aux))
+    return ModelOutput(logits, hidden, _routing(aux), _attention_losses(aux))
 
   def prefill(self, input_ids: jax.Array, positions: jax.Array | None = None,
               moe_impl: str | None = None, scan: bool | None = None,
@@ -166,7 +190,7 @@ class Transformer(nnx.Module):
       x, stack_aux, caches[name] = stack.prefill(x, ctx, options, lengths, slots)
       aux += flatten_aux(stack_aux)
     logits, hidden = self._final(x)
-    return ModelOutput(logits, hidden, _concat(aux)), DecodeCache(caches)
+    return ModelOutput(logits, hidden, _routing(aux)), DecodeCache(caches)
 
   def decode(self, input_ids: jax.Array, positions: jax.Array, cache: DecodeCache,
              attn_impl: str = "absorb", moe_impl: str | None = None, scan: bool | None = None,
@@ -229,11 +253,13 @@ class Transformer(nnx.Module):
 
   def mtp_forward(self, input_ids: jax.Array, hidden: jax.Array,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                  moe_impl: str | None = None) -> list[tuple[jax.Array, Routing | None]]:
-    """(logits [B,T-k,V], routing of the module's MoE layer [1,B*(T-k),...]) for each MTP depth
-    k = 1..num_mtp_layers. Position i of depth k predicts token i+k+1: it pairs hidden state i
-    with token i+k. `hidden` is the main model's final hidden [B,T,D]; with `segment_ids`
-    (packed sequences) attention stays inside each sequence."""
+                  moe_impl: str | None = None, *, options: RunOptions | None = None
+                  ) -> list["MTPOutput"]:
+    """An MTPOutput (logits [B,T-k,V], routing of the module's MoE layer [1,B*(T-k),...],
+    its attention losses) for each MTP depth k = 1..num_mtp_layers. Position i of depth k
+    predicts token i+k+1: it pairs hidden state i with token i+k. `hidden` is the main
+    model's final hidden [B,T,D]; with `segment_ids` (packed sequences) attention stays
+    inside each sequence. `options` replaces moe_impl when given."""
     if not len(self.mtp):
       raise ValueError("This model has num_mtp_layers=0; set num_mtp_layers >= 1 for MTP.")
     positions = self.default_positions(input_ids) if positions is None else positions
@@ -241,10 +267,11 @@ class Transformer(nnx.Module):
     for k, module in enumerate(self.mtp, start=1):
       seg = None if segment_ids is None else segment_ids[:, k:]
       ctx = self._context(TokenContext(input_ids[:, k:], positions[:, k:], seg))
-      hidden, routing = module(self.embed_tokens(input_ids[:, k:]), hidden[:, :-1], ctx,
-                               run_options(moe_impl))
-      routing = None if routing is None else jax.tree.map(lambda a: a[None], routing)
-      outputs.append((self.logits_from_hidden(hidden), routing))
+      hidden, aux = module(self.embed_tokens(input_ids[:, k:]), hidden[:, :-1], ctx,
+                           options or run_options(moe_impl))
+      routing = None if aux.routing is None else jax.tree.map(lambda a: a[None], aux.routing)
+      outputs.append(MTPOutput(self.logits_from_hidden(hidden), routing,
+                               _attention_losses([aux])))
     return outputs
 
   def mtp_logits(self, input_ids: jax.Array, hidden: jax.Array | None = None,
@@ -255,8 +282,8 @@ class Transformer(nnx.Module):
     `hidden` is the main model's final hidden [B,T,D] (computed if not given)."""
     if hidden is None:
       hidden = self.forward(input_ids, positions, moe_impl=moe_impl).hidden
-    return [logits for logits, _ in self.mtp_forward(input_ids, hidden, positions,
-                                                      moe_impl=moe_impl)]
+    return [out.logits for out in self.mtp_forward(input_ids, hidden, positions,
+                                                    moe_impl=moe_impl)]
 
   def _check_input(self, input_ids) -> None:
     if input_ids.ndim != 2:

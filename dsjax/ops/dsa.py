@@ -3,12 +3,20 @@
   I[t,s] = sum_h w[t,h] * relu(q[t,h] . k[s]) * index_head_dim^-0.5,  w = weights_proj(x) * H^-0.5
 
 over the keys query t may see; each query keeps its top-k keys, and MLA attends to those only.
+Also here: the blocked scoring that keeps a running top-k instead of [T,S] scores, the indexer's
+KL loss (DeepSeek-V3.2's two training stages) and the FP8-faithful mode's Hadamard rotation and
+e4m3 quantiser with power-of-two (ue8m0) scales.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+E4M3_MAX = 448.0
 
 
 def index_scores(q: jax.Array, k: jax.Array, weights: jax.Array) -> jax.Array:
@@ -32,22 +40,40 @@ def _take_rows(x: jax.Array, indices: jax.Array) -> jax.Array:
   return jax.vmap(lambda rows, idx: rows[idx])(x, indices)
 
 
+def _selected_logits(q_nope, q_pe, c_sel, pe_sel, w_uk, scale) -> jax.Array:
+  """float32 [B,T,N,k]: absorbed MLA logits of each query against its selected latents."""
+  f32 = jnp.float32
+  q_latent = jnp.einsum("BTNH,CNH->BTNC", q_nope, w_uk)
+  return (jnp.einsum("BTNC,BTKC->BTNK", q_latent, c_sel, preferred_element_type=f32)
+          + jnp.einsum("BTNR,BTKR->BTNK", q_pe, pe_sel, preferred_element_type=f32)) * scale
+
+
+def selected_probs(q_nope, q_pe, c_kv, k_pe, indices, valid, wkv_b, scale):
+  """(float32 [B,T,N,k] attention probabilities over each query's selected latents (0 where
+  not valid; rows without a valid key are all 0), the selected latents [B,T,k,C]). Operands
+  as sparse_latent_attention."""
+  w_uk = wkv_b[..., :q_nope.shape[-1]]
+  c_sel, pe_sel = _take_rows(c_kv, indices), _take_rows(k_pe, indices)  # [B,T,k,C], [B,T,k,R]
+  logits = _selected_logits(q_nope, q_pe, c_sel, pe_sel, w_uk, scale)
+  mask = valid[:, :, None, :]
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0), c_sel
+
+
 def sparse_latent_attention(q_nope, q_pe, c_kv, k_pe, indices, valid, wkv_b, scale):
   """MLA in its absorbed (MQA) form over each query's selected latents only: q_nope
   [B,T,N,Hn], q_pe [B,T,N,R] (rotated), c_kv [B,S,C], k_pe [B,S,R], indices/valid [B,T,k]
   (dsa.top_k), wkv_b [C,N,Hn+Hv] -> [B,T,N,Hv]. Reads k latents per query: O(T*k) memory,
   never [T,S]. A query with no valid key returns zeros."""
-  w_uk, w_uv = jnp.split(wkv_b, [q_nope.shape[-1]], axis=-1)
-  f32 = jnp.float32
-  c_sel, pe_sel = _take_rows(c_kv, indices), _take_rows(k_pe, indices)  # [B,T,k,C], [B,T,k,R]
-  q_latent = jnp.einsum("BTNH,CNH->BTNC", q_nope, w_uk)
-  logits = (jnp.einsum("BTNC,BTKC->BTNK", q_latent, c_sel, preferred_element_type=f32)
-            + jnp.einsum("BTNR,BTKR->BTNK", q_pe, pe_sel, preferred_element_type=f32)) * scale
-  mask = valid[:, :, None, :]
-  logits = jnp.where(mask, logits, jnp.finfo(f32).min)
-  probs = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0).astype(c_kv.dtype)
-  out_latent = jnp.einsum("BTNK,BTKC->BTNC", probs, c_sel)
-  return jnp.einsum("BTNC,CNH->BTNH", out_latent, w_uv)
+  probs, c_sel = selected_probs(q_nope, q_pe, c_kv, k_pe, indices, valid, wkv_b, scale)
+  return values_from_probs(probs, c_sel, wkv_b, q_nope.shape[-1])
+
+
+def values_from_probs(probs, c_sel, wkv_b, nope_dim: int) -> jax.Array:
+  """Absorbed MLA's output [B,T,N,Hv] from probabilities [B,T,N,k] over the selected latents
+  c_sel [B,T,k,C]: their weighted sum, expanded by wkv_b's value part [C,N,Hv]."""
+  out_latent = jnp.einsum("BTNK,BTKC->BTNC", probs.astype(c_sel.dtype), c_sel)
+  return jnp.einsum("BTNC,CNH->BTNH", out_latent, wkv_b[..., nope_dim:])
 
 
 def top_k_mask(scores: jax.Array, visible: jax.Array, k: int) -> jax.Array:
@@ -60,3 +86,160 @@ def top_k_mask(scores: jax.Array, visible: jax.Array, k: int) -> jax.Array:
   selected = jnp.zeros(scores.shape, bool).at[
       jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None], indices].set(True)
   return selected & visible
+
+
+def scores_at(q: jax.Array, k: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
+  """index_scores at each query's selected keys only: q [B,T,H,D], k [B,S,D], weights [B,T,H],
+  indices int[B,T,k] -> float32 [B,T,k] (O(T*k), never [T,S])."""
+  k_sel = _take_rows(k, indices).astype(jnp.float32)  # [B,T,k,D]
+  logits = jnp.einsum("BTHD,BTKD->BTHK", q.astype(jnp.float32), k_sel)
+  logits = jax.nn.relu(logits * q.shape[-1] ** -0.5)
+  return jnp.einsum("BTHK,BTH->BTK", logits, weights.astype(jnp.float32))
+
+
+def blocked_top_k(q: jax.Array, k: jax.Array, weights: jax.Array, visible_block, top: int,
+                  block: int = 512) -> tuple[jax.Array, jax.Array]:
+  """dsa.top_k(index_scores(q, k, weights), visible, top) without the [T,S] scores: queries
+  in blocks of `block`, each scanning the keys in blocks of `block` with a running top-k
+  (O(block * (top + block)) per step; ties go to the lower key index, as lax.top_k does).
+  visible_block(q_start, k_start) -> bool [B,block,block]: which keys of the key block the
+  queries of the query block may see (rows/keys past T/S come padded and are invisible).
+  Returns (indices int32[B,T,k'], valid bool[B,T,k']) with k' = min(top, S)."""
+  b, t, h, d = q.shape
+  s = k.shape[1]
+  top = min(top, s)
+  nq, nk = -(-t // block), -(-s // block)
+  qp = jnp.pad(q, ((0, 0), (0, nq * block - t), (0, 0), (0, 0)))
+  wp = jnp.pad(weights, ((0, 0), (0, nq * block - t), (0, 0)))
+  kp = jnp.pad(k, ((0, 0), (0, nk * block - s), (0, 0)))
+
+  def query_block(i):
+    qb = jax.lax.dynamic_slice_in_dim(qp, i * block, block, 1)
+    wb = jax.lax.dynamic_slice_in_dim(wp, i * block, block, 1)
+
+    def key_block(carry, j):
+      values, indices = carry
+      kb = jax.lax.dynamic_slice_in_dim(kp, j * block, block, 1)
+      scores = jnp.where(visible_block(i * block, j * block), index_scores(qb, kb, wb), -jnp.inf)
+      both_v = jnp.concatenate([values, scores], axis=-1)
+      both_i = jnp.concatenate(
+          [indices, jnp.broadcast_to(j * block + jnp.arange(block, dtype=jnp.int32),
+                                     scores.shape)], axis=-1)
+      values, pick = jax.lax.top_k(both_v, top)
+      return (values, jnp.take_along_axis(both_i, pick, axis=-1)), None
+
+    init = (jnp.full((b, block, top), -jnp.inf, jnp.float32),
+            jnp.zeros((b, block, top), jnp.int32))
+    (values, indices), _ = jax.lax.scan(key_block, init, jnp.arange(nk))
+    return indices, values > -jnp.inf
+
+  indices, valid = jax.lax.map(query_block, jnp.arange(nq))  # [nq,B,block,k]
+  join = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, nq * block, top)[:, :t]
+  return join(indices), join(valid)
+
+
+def mask_block(mask, block: int):
+  """visible_block for blocked_top_k from an AttentionMask (dsjax.ops.attention): key s is
+  visible to query t iff its position is not later and, with segment ids, the segments match
+  (padding keys, segment 0, never); rows and keys past the ends are invisible."""
+  def pad(x, fill):
+    n = -(-x.shape[1] // block) * block
+    return jnp.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=fill)
+
+  big = jnp.iinfo(jnp.int32).max
+  qpos, kpos = pad(mask.q_positions.astype(jnp.int32), -1), pad(
+      mask.k_positions.astype(jnp.int32), big)
+  segments = mask.q_segment_ids is not None
+  qseg = pad(mask.q_segment_ids, -1) if segments else None
+  kseg = pad(mask.k_segment_ids, 0) if segments else None
+
+  def visible(q_start, k_start):
+    take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, block, 1)
+    vis = take(kpos, k_start)[:, None, :] <= take(qpos, q_start)[:, :, None]
+    if segments:
+      ks = take(kseg, k_start)[:, None, :]
+      vis &= (take(qseg, q_start)[:, :, None] == ks) & (ks != 0)
+    return vis
+  return visible
+
+
+# ---- the indexer's training loss (DeepSeek-V3.2, Sec. 2.1) ----
+
+def head_mean(probs: jax.Array) -> jax.Array:
+  """The main attention's distribution as the indexer's target: probabilities [B,T,N,K] summed
+  over the N heads and L1-normalised (each head's row sums to 1 or is all 0, so this is their
+  mean) -> float32 [B,T,K], without gradient."""
+  return jax.lax.stop_gradient(jnp.mean(probs.astype(jnp.float32), axis=2))
+
+
+def indexer_kl(target: jax.Array, scores: jax.Array, valid: jax.Array) -> jax.Array:
+  """KL(target || softmax(scores)) per query over its `valid` keys: target float [B,T,K] (0
+  off `valid`, summing to 1 over it), scores float [B,T,K] (the indexer's I), valid bool
+  [B,T,K] -> float32 [B,T]; 0 for a query without valid keys."""
+  log_q = jax.nn.log_softmax(jnp.where(valid, scores.astype(jnp.float32), -jnp.inf), axis=-1)
+  p = jnp.where(valid, target, 0.0)
+  terms = jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q), 0.0)
+  return jnp.sum(terms, axis=-1)
+
+
+def dense_probs(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+  """float32 [B,T,N,S]: softmax(q.k * scale) over the keys of mask bool [B,1,T,S] (0 off it;
+  rows without a key all 0); q [B,T,N,H], k [B,S,N,H]: dense MLA's attention weights."""
+  logits = jnp.einsum("BTNH,BSNH->BTNS", q, k, preferred_element_type=jnp.float32) * scale
+  visible = jnp.moveaxis(mask, 1, 2)  # [B,T,1,S]
+  logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
+  return jnp.where(visible, jax.nn.softmax(logits, axis=-1), 0.0)
+
+
+# ---- the FP8-faithful indexer (DeepSeek's deployed kernels) ----
+
+@functools.cache
+def _hadamard_matrix(n: int) -> np.ndarray:
+  """Sylvester's n x n Hadamard matrix (n a power of two), entries +-1, natural order."""
+  if n & (n - 1):
+    raise ValueError(f"The FP8 indexer's Hadamard rotation needs a power-of-two head dim, not "
+                     f"{n}; set dsa.index_head_dim to one (DeepSeek-V3.2: 128) or "
+                     "dsa.index_precision='exact'.")
+  h = np.ones((1, 1), np.float32)
+  while h.shape[0] < n:
+    h = np.block([[h, h], [h, -h]])
+  return h
+
+
+def hadamard(x: jax.Array) -> jax.Array:
+  """x [..., D] times the orthonormal Hadamard matrix D^-0.5 H_D (float32 arithmetic, x's
+  dtype out): fast_hadamard_transform(x, scale=D^-0.5), as DeepSeek's rotate_activation."""
+  d = x.shape[-1]
+  h = jnp.asarray(_hadamard_matrix(d) * d ** -0.5)
+  y = jnp.einsum("...D,DE->...E", x.astype(jnp.float32), h, precision=jax.lax.Precision.HIGHEST)
+  return y.astype(x.dtype)
+
+
+def quantize_e4m3(x: jax.Array, block: int = 128, power_of_two: bool = True
+                  ) -> tuple[jax.Array, jax.Array]:
+  """DeepSeek's act_quant: x [..., D] in blocks of `block` channels -> (float8_e4m3fn
+  [..., D], float32 scales [..., D/block]); scale = max(amax, 1e-4) / 448, rounded up to a
+  power of two (ue8m0) when power_of_two; values = clip(x / scale, -448, 448) rounded to
+  nearest-even e4m3."""
+  *lead, d = x.shape
+  if d % block:
+    raise ValueError(f"FP8 quantisation in blocks of {block} needs the last dim ({d}) to be a "
+                     "multiple of it.")
+  xb = x.astype(jnp.float32).reshape(*lead, d // block, block)
+  amax = jnp.maximum(jnp.max(jnp.abs(xb), axis=-1), 1e-4)
+  scale = amax * jnp.float32(1.0 / E4M3_MAX)
+  if power_of_two:  # 2^ceil(log2 scale), from the float's exponent bits (log2 is inexact)
+    mantissa, exponent = jnp.frexp(scale)  # scale = mantissa * 2^exponent, mantissa in [.5, 1)
+    scale = jnp.ldexp(jnp.float32(1.0), exponent - (mantissa == 0.5).astype(exponent.dtype))
+  q = jnp.clip(xb / scale[..., None], -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+  return q.reshape(*lead, d), scale
+
+
+def fp8_round_trip(x: jax.Array, block: int = 128) -> jax.Array:
+  """x after the e4m3 / ue8m0 quantiser and back (float32): what DeepSeek's FP8 index kernel
+  multiplies; the forward is exact quantise-dequantise, the gradient passes straight through."""
+  *lead, d = x.shape
+  q, scale = quantize_e4m3(x, min(block, d))
+  deq = (q.astype(jnp.float32).reshape(*lead, scale.shape[-1], -1) * scale[..., None])
+  x32 = x.astype(jnp.float32)
+  return x32 + jax.lax.stop_gradient(deq.reshape(x.shape) - x32)

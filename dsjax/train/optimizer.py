@@ -116,9 +116,12 @@ def weight_decay_mask(params: nnx.State) -> nnx.State:
   return jax.tree.map(_decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def make_optimizer(opt_cfg, total_steps: int, params: nnx.State) -> optax.GradientTransformation:
+def make_optimizer(opt_cfg, total_steps: int, params: nnx.State, trainable=None
+                   ) -> optax.GradientTransformation:
   """Global-norm clipping (skipped when clip <= 0) followed by AdamW with the configured
-  schedule and decoupled weight decay on matrices only (`weight_decay_mask`).
+  schedule and decoupled weight decay on matrices only (`weight_decay_mask`). `trainable`
+  (a bool per Variable, dsjax.train.dsa_stages.trainable_mask) freezes the False ones: zero
+  updates, no weight decay, no optimizer state.
 
   Use as opt.init(params) and opt.update(grads, opt_state, params) with `params` and `grads`
   nnx.States of the same structure. The first moment is kept in float32; the second has the
@@ -134,6 +137,9 @@ def make_optimizer(opt_cfg, total_steps: int, params: nnx.State) -> optax.Gradie
   adamw = optax.adamw(learning_rate_schedule(opt_cfg, total_steps), b1=opt_cfg.b1,
                       b2=opt_cfg.b2, eps=opt_cfg.eps, mu_dtype=jnp.float32,
                       weight_decay=opt_cfg.weight_decay, mask=weight_decay_mask(params))
-  if opt_cfg.clip <= 0:
-    return adamw
-  return optax.chain(optax.clip_by_global_norm(opt_cfg.clip), adamw)
+  optimizer = adamw if opt_cfg.clip <= 0 else optax.chain(
+      optax.clip_by_global_norm(opt_cfg.clip), adamw)
+  if trainable is None:
+    return optimizer
+  labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+  return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from dsjax.model.options import RunOptions
 from dsjax.model.pattern import routed_rows
 from dsjax.train import loss as losses
 from dsjax.train.balance import update_router_biases
@@ -43,6 +44,8 @@ class StepSettings:
   bias_update: bool = True
   bias_rate: float = 1e-3
   moe_impl: str | None = None
+  dsa_stage: str | None = None      # RunOptions.dsa_stage (dsjax.train.dsa_stages)
+  indexer_loss_weight: float = 1.0
 
 
 class _Weights(NamedTuple):
@@ -78,7 +81,9 @@ def _routing_terms(routing, segment_ids: jax.Array, moe, s: StepSettings):
 def _micro_loss(params, router_bias, graphdef, batch: Batch, w: _Weights, s: StepSettings):
   """Scalar loss of one micro-batch (scaled so micro-batches sum to the batch loss) and aux."""
   model = nnx.merge(graphdef, params, router_bias)
-  out = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"], s.moe_impl)
+  options = RunOptions(moe_impl=s.moe_impl, dsa_stage=s.dsa_stage)
+  out = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
+                      options=options)
   ce = losses.cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
   aux = {"loss": ce.loss_sum / w.main, "z_loss": ce.z_sum / w.main}
   total = aux["loss"] + s.z_loss * aux["z_loss"]
@@ -88,22 +93,29 @@ def _micro_loss(params, router_bias, graphdef, batch: Batch, w: _Weights, s: Ste
     balance, loads["main"] = _routing_terms(out.routing, batch["segment_ids"], moe, s)
     if out.routing.dropped is not None:  # expert parallelism with a capacity factor
       aux["moe_dropped_fraction"] = jnp.mean(out.routing.dropped) / w.micro_batches
+  indexer_kl = list(out.attention_losses.get("indexer_kl", ()))
   if len(w.mtp):
     mtp_loss = jnp.zeros(())
     outputs = model.mtp_forward(batch["inputs"], out.hidden, batch["positions"],
-                                batch["segment_ids"], s.moe_impl)
-    for k, (logits, routing) in enumerate(outputs, start=1):
+                                batch["segment_ids"], options=options)
+    for k, depth in enumerate(outputs, start=1):
       targets, mask = losses.mtp_targets(batch["targets"], batch["segment_ids"],
                                          batch["loss_mask"], k)
-      mtp_loss += losses.cross_entropy(logits, targets, mask).loss_sum / w.mtp[k - 1]
-      if routing is not None:  # the module's single MoE layer: load [E], no balance loss
+      mtp_loss += losses.cross_entropy(depth.logits, targets, mask).loss_sum / w.mtp[k - 1]
+      indexer_kl += list(depth.attention_losses.get("indexer_kl", ()))
+      if depth.routing is not None:  # the module's single MoE layer: load [E], no balance loss
         loads[f"mtp{k - 1}"] = losses.expert_load(
-            routing.expert_ids, moe.n_routed_experts,
+            depth.routing.expert_ids, moe.n_routed_experts,
             _token_mask(batch["segment_ids"][:, k:]))[0]
     aux["mtp_loss"] = mtp_loss / len(w.mtp)
     total += s.mtp_weight * aux["mtp_loss"]
   aux["balance_loss"] = balance / w.micro_batches
   total += s.balance_alpha * aux["balance_loss"]
+  if indexer_kl:  # mean over the DSA layers, MTP modules' included
+    aux["indexer_kl"] = jnp.mean(jnp.stack(indexer_kl)) / w.micro_batches
+    # the warm-up trains the indexers alone; the LM terms stay as metrics
+    total = (aux["indexer_kl"] if s.dsa_stage == "dense_warmup"
+             else total + s.indexer_loss_weight * aux["indexer_kl"])
   return total, (aux, loads)
 
 

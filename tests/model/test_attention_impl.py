@@ -35,7 +35,7 @@ def _with_impl(model, impl: str):
 
 def _loss(model, ids, positions, segment_ids):
   out = model.forward(ids, positions, segment_ids)
-  mtp = sum(jnp.mean(logits) for logits, _ in
+  mtp = sum(jnp.mean(depth.logits) for depth in
             model.mtp_forward(ids, out.hidden, positions, segment_ids))
   return jnp.mean(jax.nn.logsumexp(out.logits, -1) - out.logits[..., 0]) + mtp, out.logits
 
