@@ -20,7 +20,7 @@ import torch
 from flax import nnx
 from safetensors.torch import load_file, save_file
 from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config,
-                          DeepseekV3ForCausalLM)
+                          DeepseekV3ForCausalLM, DeepseekV32Config, DeepseekV32ForCausalLM)
 
 import dsjax
 
@@ -62,6 +62,24 @@ def v2_config(**overrides) -> DeepseekV2Config:
   return DeepseekV2Config(**_common(**kw))
 
 
+V32_TOPK = 12  # < SEQ_LEN: the indexer's selection matters
+
+
+def v32_config(**overrides) -> DeepseekV32Config:
+  """DeepSeek-V3.2 (DSA): V3's tiny config plus an indexer; 16 indexer heads keep exact ties
+  at the k-th score (a key scores exactly 0 when every head's ReLU is 0) improbable, so that
+  top-k has one answer."""
+  kw = dict(n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+            rope_parameters=yarn(1.0, 1.0), index_n_heads=16, index_head_dim=16,
+            index_topk=V32_TOPK)
+  kw.update(overrides)
+  return DeepseekV32Config(**_common(**kw))
+
+
+TORCH_CLASSES = {"deepseek_v2": DeepseekV2ForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM,
+                 "deepseek_v32": DeepseekV32ForCausalLM}
+
+
 def randomize_torch(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
   """Weights ~ N(0, 0.2), norm weights ~ U(0.5, 1.5), router correction bias ~ N(0, 0.1)."""
   gen = torch.Generator().manual_seed(seed)
@@ -78,17 +96,18 @@ def randomize_torch(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def build_torch_model(config, seed: int = 0) -> torch.nn.Module:
-  """A seeded, randomised fp32 eager transformers model for `config` (V2 or V3), in eval mode."""
+  """A seeded, randomised fp32 eager transformers model for `config` (V2, V3, V3.2), in eval
+  mode."""
   config._attn_implementation = "eager"
   torch.manual_seed(seed)
-  cls = DeepseekV3ForCausalLM if isinstance(config, DeepseekV3Config) else DeepseekV2ForCausalLM
+  cls = TORCH_CLASSES[config.model_type]
   model = cls(config).to(torch.float32)
   return randomize_torch(model, seed).eval()
 
 
 def load_torch_model(path, dtype=torch.float32) -> torch.nn.Module:
   config = json.loads((Path(path) / "config.json").read_text())
-  cls = DeepseekV3ForCausalLM if config["model_type"] == "deepseek_v3" else DeepseekV2ForCausalLM
+  cls = TORCH_CLASSES[config["model_type"]]
   return cls.from_pretrained(path, attn_implementation="eager", dtype=dtype).eval()
 
 

@@ -39,13 +39,14 @@ def _quantized(name: str, tensor: torch.Tensor) -> bool:
   return tensor.ndim == 2 and "embed_tokens" not in name
 
 
-def write_fp8_pair(src, fp8_dir, deq_dir, block, write_block_size: bool) -> int:
+def write_fp8_pair(src, fp8_dir, deq_dir, block, write_block_size: bool,
+                   keep: tuple[str, ...] = ()) -> int:
   """From the fp32 checkpoint `src`, writes the FP8 checkpoint and its torch-dequantised fp32
-  twin; returns the number of quantised tensors."""
+  twin; returns the number of quantised tensors. Names ending in `keep` stay float32."""
   tensors = {k: v for f in hf.checkpoint_files(src) for k, v in load_file(f).items()}
   fp8, deq = {}, {}
   for name, t in tensors.items():
-    if _quantized(name, t):
+    if _quantized(name, t) and not name.endswith(keep):
       w_fp8, scale = quantize_blockwise(t, block)
       fp8[name], fp8[name + "_scale_inv"] = w_fp8, scale
       deq[name] = dequantize(w_fp8, scale, block)
