@@ -153,7 +153,8 @@ def stats_lines(result: Any, description: str) -> list[str]:
       f"generated tokens: {result.generated_tokens}, decode: "
       f"{result.decode_tokens_per_second:,.1f} tokens/s ({result.decode_seconds:.2f} s)",
       f"compilation: {result.compile_seconds:.1f} s",
-      f"cache: {result.cache_bytes:,} bytes",
+      f"cache: {result.cache_bytes:,} bytes ({result.cache_bytes_per_token_layer:,.0f} per "
+      "token per layer)",
   ]
   if result.acceptance_rate is not None:
     lines.append(f"MTP acceptance rate: {result.acceptance_rate:.2f} "

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsjax.infer.cache import cache_nbytes, pad_slots
+from dsjax.infer.cache import bytes_per_token_per_layer, cache_nbytes, pad_slots
 from dsjax.infer.sampling import SamplingParams, greedy_tokens, sample_next
 from dsjax.infer.weight_layout import (AUTO_MIN_ELEMENTS, out_major_projections,
                                        resolve_projection_layout)
@@ -78,6 +78,7 @@ class GenerationResult:
   main_model_calls: int = 0
   drafts_proposed: int = 0
   drafts_accepted: int = 0
+  cache_bytes_per_token_layer: float = 0.0  # what one token adds to one layer's cache
 
   @property
   def generated_tokens(self) -> int:
@@ -381,7 +382,7 @@ class Generator:
     prefill_seconds = time.perf_counter() - start - clock.seconds
     for row in range(rows):
       outputs.add(row, [int(first_np[row])])
-    cache_bytes = cache_nbytes(cache)
+    cache_bytes, per_token = cache_nbytes(cache), bytes_per_token_per_layer(cache)
 
     start, compiled = time.perf_counter(), clock.seconds
     if speculative == "mtp":
@@ -391,7 +392,8 @@ class Generator:
       stats = self._decode_loop(clock, cache, first, lengths, key, sampling, outputs)
     decode_seconds = time.perf_counter() - start - (clock.seconds - compiled)
     return GenerationResult(outputs.tokens, int(lengths[:rows].sum()), prefill_seconds,
-                            decode_seconds, cache_bytes, clock.seconds, **stats)
+                            decode_seconds, cache_bytes, clock.seconds, **stats,
+                            cache_bytes_per_token_layer=per_token)
 
   def _decode_loop(self, clock: _CompileClock, cache, tokens, lengths, key, sampling,
                    outputs: _Outputs) -> dict:

@@ -118,7 +118,7 @@ class DSAttention(MLA):
   """MLA over each query's index_topk tokens chosen by the indexer (dense MLA for sequences of
   at most index_topk tokens)."""
 
-  drafts_with_mtp = False
+  drafts_with_mtp = True  # its cache is MLA's latent-slot cache plus the index keys
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     if cfg.mla.q_lora_rank is None:
@@ -216,7 +216,10 @@ class DSAttention(MLA):
     q_nope, q_pe, new = self._new_entries(x, ctx.cos, ctx.sin)
     both = DSACache(*(jnp.concatenate([c, n.astype(c.dtype)], axis=1) for c, n in zip(cache, new)))
     q, weights = self._queries(x, ctx.cos, ctx.sin)
-    visible = jnp.concatenate([ctx.cache_mask, ctx.new_mask], axis=-1)[:, 0]
+    t = x.shape[1]
+    cache_mask = jnp.broadcast_to(ctx.cache_mask, ctx.cache_mask.shape[:2] + (t,)
+                                  + ctx.cache_mask.shape[3:])  # the same slots for every query
+    visible = jnp.concatenate([cache_mask, ctx.new_mask], axis=-1)[:, 0]
     indices, valid = self._select(q, weights, both.k_index, visible=visible)
     return self._sparse(q_nope, q_pe, indices, valid, both), new
 

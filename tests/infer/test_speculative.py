@@ -1,11 +1,13 @@
 """MTP speculative greedy decoding gives exactly the tokens of plain greedy decoding, through
-both the accept and the reject path."""
+both the accept and the reject path, for MLA and for DSA (DeepSeek-V3.2: the drafts and their
+verification select among the cached tokens)."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from dsjax.config import DSAConfig
 from dsjax.infer import Generator
 from tests.model_fixtures import randomized_model, tiny_config
 
@@ -28,9 +30,14 @@ def _make_repeat_drafter(model) -> None:
     norm.weight[...] = jnp.ones_like(norm.weight[...])
 
 
-@pytest.fixture(scope="module")
-def model():
-  return randomized_model(tiny_config(num_mtp_layers=1), seed=2)
+ATTENTION = {"mla": {}, "dsa": dict(attention="dsa", dsa=DSAConfig(index_n_heads=8,
+                                                                  index_head_dim=16,
+                                                                  index_topk=6))}
+
+
+@pytest.fixture(scope="module", params=list(ATTENTION))
+def model(request):
+  return randomized_model(tiny_config(num_mtp_layers=1, **ATTENTION[request.param]), seed=2)
 
 
 @pytest.mark.parametrize("drafter", ["random", "repeat"])

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from dsjax.config import DSAConfig
+from dsjax.infer import bytes_per_token_per_layer
 from tests.model_fixtures import randomized_model, tiny_config, tokens
 
 DSA = DSAConfig(index_n_heads=16, index_head_dim=16, index_topk=6)
@@ -87,6 +88,10 @@ def test_prefill_and_decode_equal_the_forward(ids):
   np.testing.assert_allclose(decoded, full[:, 9:], atol=1e-4)
   c = cache.dense
   assert c.k_index.shape[-1] == DSA.index_head_dim and c.slots == 32
+  # what a token adds to one layer's cache: MLA's latent and rope key, plus the index key
+  mla = model.config.mla
+  per_token = (mla.kv_lora_rank + mla.qk_rope_head_dim + DSA.index_head_dim) * 4
+  assert bytes_per_token_per_layer(cache) == per_token
 
 
 def test_generate_equals_greedy_argmax(ids):
