@@ -9,9 +9,9 @@ in dsjax.ops.dsa; the selection carries no gradient (DeepSeek trains the indexer
 KL loss).
 
 Two exact implementations (dsa.impl): "gather" (the default) reads only each query's k
-selected latents, MLA in its absorbed form (dsjax.ops.dsa.sparse_latent_attention, O(T*k)
-memory besides the indexer's [T,S] scores); "dense" is the reference, the selection as a
-[B,T,S] mask on MLA's expanded attention. Decoding keeps the indexer's keys next to MLA's
+selected latents, MLA in its absorbed form (dsjax.ops.dsa.sparse_latent_attention, in chunks
+of queries; the index scores in blocks once [T,S] would be large, dsa.blocked_top_k);
+"dense" is the reference, the selection as a [B,T,S] mask on MLA's expanded attention. Decoding keeps the indexer's keys next to MLA's
 latent (DSACache) and selects among the cached tokens at every step.
 """
 
@@ -35,7 +35,7 @@ from dsjax.ops.rope import apply_rope
 
 
 DSA_STAGES = ("dense_warmup", "sparse")
-SCORE_BLOCK = 512  # query and key block of the blocked index scoring
+SCORE_BLOCKS = (128, 2048)  # query and key blocks of the blocked index scoring
 
 
 class LayerNorm(nnx.Module):
@@ -144,8 +144,8 @@ class DSAttention(MLA):
     """(indices, valid) [B,T,k] of each query's top-k keys: over bool visible [B,T,S], or over
     an AttentionMask, scored in blocks (dsa.blocked_top_k) once [T,S] scores would be large."""
     if visible is None and q.shape[1] * keys.shape[1] >= DENSE_MAX_LOGITS:
-      return dsa_ops.blocked_top_k(q, keys, weights, dsa_ops.mask_block(mask, SCORE_BLOCK),
-                                   self.index_topk, SCORE_BLOCK)
+      return dsa_ops.blocked_top_k(q, keys, weights, dsa_ops.mask_block(mask, *SCORE_BLOCKS),
+                                   self.index_topk, *SCORE_BLOCKS)
     visible = mask.dense()[:, 0] if visible is None else visible
     return dsa_ops.top_k(dsa_ops.index_scores(q, keys, weights), visible, self.index_topk)
 
@@ -197,15 +197,16 @@ class DSAttention(MLA):
     if stage == "dense_warmup":
       visible = ctx.mask.dense()[:, 0]
       out, probs = self._dense_with_probs(q_nope, q_pe, entries.c_kv, entries.k_pe, visible)
+      target = dsa_ops.head_mean(probs)
       scores = dsa_ops.index_scores(q, entries.k_index, weights)
     else:
       indices, visible = self._select(q, weights, entries.k_index, ctx.mask)
-      probs, c_sel = dsa_ops.selected_probs(q_nope, q_pe, entries.c_kv, entries.k_pe, indices,
-                                            visible, self._wkv_b(), self.scale)
-      out = project(dsa_ops.values_from_probs(probs, c_sel, self._wkv_b(), q_nope.shape[-1]),
-                    self._w("wo"), 2)
+      out, target = dsa_ops.sparse_latent_attention(
+          q_nope, q_pe, entries.c_kv, entries.k_pe, indices, visible, self._wkv_b(),
+          self.scale, with_target=True)
+      out = project(out, self._w("wo"), 2)
       scores = dsa_ops.scores_at(q, entries.k_index, weights, indices)
-    kl = dsa_ops.indexer_kl(dsa_ops.head_mean(probs), scores, visible)
+    kl = dsa_ops.indexer_kl(target, scores, visible)
     real = (jnp.ones(kl.shape, jnp.float32) if ctx.mask.q_segment_ids is None
             else (ctx.mask.q_segment_ids > 0).astype(jnp.float32))
     return out, {"indexer_kl": jnp.sum(kl * real) / jnp.maximum(jnp.sum(real), 1.0)}

@@ -60,13 +60,44 @@ def selected_probs(q_nope, q_pe, c_kv, k_pe, indices, valid, wkv_b, scale):
   return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0), c_sel
 
 
-def sparse_latent_attention(q_nope, q_pe, c_kv, k_pe, indices, valid, wkv_b, scale):
+QUERY_BLOCK = 256  # queries per chunk of the gather path: [block, k, C+R] gathered at a time
+
+
+def in_query_chunks(fn, block: int, *per_query):
+  """fn(*per_query) computed over chunks of `block` queries (axis 1 of every operand) with
+  lax.map, each chunk rematerialised in the backward, so that only one chunk's intermediates
+  are live; outputs (a pytree, query axis 1) joined. Short inputs go in one piece; a ragged
+  last chunk is zero-padded (False for masks) and cut off again."""
+  t = per_query[0].shape[1]
+  if t <= block:
+    return fn(*per_query)
+  n = -(-t // block)
+
+  def split(x):
+    x = jnp.pad(x, [(0, 0), (0, n * block - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)
+
+  def join(y):
+    return jnp.moveaxis(y, 0, 1).reshape(y.shape[1], n * block, *y.shape[3:])[:, :t]
+
+  outs = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), tuple(map(split, per_query)))
+  return jax.tree.map(join, outs)
+
+
+def sparse_latent_attention(q_nope, q_pe, c_kv, k_pe, indices, valid, wkv_b, scale,
+                            query_block: int = QUERY_BLOCK, with_target: bool = False):
   """MLA in its absorbed (MQA) form over each query's selected latents only: q_nope
   [B,T,N,Hn], q_pe [B,T,N,R] (rotated), c_kv [B,S,C], k_pe [B,S,R], indices/valid [B,T,k]
-  (dsa.top_k), wkv_b [C,N,Hn+Hv] -> [B,T,N,Hv]. Reads k latents per query: O(T*k) memory,
-  never [T,S]. A query with no valid key returns zeros."""
-  probs, c_sel = selected_probs(q_nope, q_pe, c_kv, k_pe, indices, valid, wkv_b, scale)
-  return values_from_probs(probs, c_sel, wkv_b, q_nope.shape[-1])
+  (dsa.top_k), wkv_b [C,N,Hn+Hv] -> [B,T,N,Hv]. Never [T,S]: queries go in chunks of
+  `query_block`, each gathering its [block, k] latents (in_query_chunks). A query with no
+  valid key returns zeros. with_target: also the head-mean attention probabilities over the
+  selected keys, float32 [B,T,k] without gradient (the sparse stage's indexer target)."""
+  def chunk(qn, qp, idx, ok):
+    probs, c_sel = selected_probs(qn, qp, c_kv, k_pe, idx, ok, wkv_b, scale)
+    return values_from_probs(probs, c_sel, wkv_b, qn.shape[-1]), jnp.mean(probs, axis=2)
+
+  out, target = in_query_chunks(chunk, query_block, q_nope, q_pe, indices, valid)
+  return (out, jax.lax.stop_gradient(target)) if with_target else out
 
 
 def values_from_probs(probs, c_sel, wkv_b, nope_dim: int) -> jax.Array:
@@ -98,67 +129,62 @@ def scores_at(q: jax.Array, k: jax.Array, weights: jax.Array, indices: jax.Array
 
 
 def blocked_top_k(q: jax.Array, k: jax.Array, weights: jax.Array, visible_block, top: int,
-                  block: int = 512) -> tuple[jax.Array, jax.Array]:
+                  q_block: int = 128, k_block: int = 2048) -> tuple[jax.Array, jax.Array]:
   """dsa.top_k(index_scores(q, k, weights), visible, top) without the [T,S] scores: queries
-  in blocks of `block`, each scanning the keys in blocks of `block` with a running top-k
-  (O(block * (top + block)) per step; ties go to the lower key index, as lax.top_k does).
-  visible_block(q_start, k_start) -> bool [B,block,block]: which keys of the key block the
-  queries of the query block may see (rows/keys past T/S come padded and are invisible).
-  Returns (indices int32[B,T,k'], valid bool[B,T,k']) with k' = min(top, S)."""
-  b, t, h, d = q.shape
+  in blocks of `q_block`, each scored against the keys in blocks of `k_block` ([q_block, S]
+  scores and [q_block, H, k_block] logits live at a time), then one top-k per query (ties to
+  the lower key index, as the dense top_k). visible_block(q_start, k_start) -> bool
+  [B,q_block,k_block] (mask_block): which keys of the key block the block's queries see; rows
+  and keys past T and S come padded and are invisible. Returns (indices int32[B,T,k'], valid
+  bool[B,T,k']) with k' = min(top, S)."""
+  b, t = q.shape[:2]
   s = k.shape[1]
   top = min(top, s)
-  nq, nk = -(-t // block), -(-s // block)
-  qp = jnp.pad(q, ((0, 0), (0, nq * block - t), (0, 0), (0, 0)))
-  wp = jnp.pad(weights, ((0, 0), (0, nq * block - t), (0, 0)))
-  kp = jnp.pad(k, ((0, 0), (0, nk * block - s), (0, 0)))
+  nq, nk = -(-t // q_block), -(-s // k_block)
+  qp = jnp.pad(q, ((0, 0), (0, nq * q_block - t), (0, 0), (0, 0)))
+  wp = jnp.pad(weights, ((0, 0), (0, nq * q_block - t), (0, 0)))
+  kp = jnp.pad(k, ((0, 0), (0, nk * k_block - s), (0, 0)))
 
   def query_block(i):
-    qb = jax.lax.dynamic_slice_in_dim(qp, i * block, block, 1)
-    wb = jax.lax.dynamic_slice_in_dim(wp, i * block, block, 1)
+    qb = jax.lax.dynamic_slice_in_dim(qp, i * q_block, q_block, 1)
+    wb = jax.lax.dynamic_slice_in_dim(wp, i * q_block, q_block, 1)
 
-    def key_block(carry, j):
-      values, indices = carry
-      kb = jax.lax.dynamic_slice_in_dim(kp, j * block, block, 1)
-      scores = jnp.where(visible_block(i * block, j * block), index_scores(qb, kb, wb), -jnp.inf)
-      both_v = jnp.concatenate([values, scores], axis=-1)
-      both_i = jnp.concatenate(
-          [indices, jnp.broadcast_to(j * block + jnp.arange(block, dtype=jnp.int32),
-                                     scores.shape)], axis=-1)
-      values, pick = jax.lax.top_k(both_v, top)
-      return (values, jnp.take_along_axis(both_i, pick, axis=-1)), None
+    def key_block(j):
+      kb = jax.lax.dynamic_slice_in_dim(kp, j * k_block, k_block, 1)
+      return jnp.where(visible_block(i * q_block, j * k_block), index_scores(qb, kb, wb),
+                       -jnp.inf)
 
-    init = (jnp.full((b, block, top), -jnp.inf, jnp.float32),
-            jnp.zeros((b, block, top), jnp.int32))
-    (values, indices), _ = jax.lax.scan(key_block, init, jnp.arange(nk))
-    return indices, values > -jnp.inf
+    scores = jax.lax.map(key_block, jnp.arange(nk))  # [nk,B,q_block,k_block]
+    scores = jnp.moveaxis(scores, 0, 2).reshape(b, q_block, nk * k_block)[:, :, :s]
+    values, indices = jax.lax.top_k(scores, top)
+    return indices.astype(jnp.int32), values > -jnp.inf
 
-  indices, valid = jax.lax.map(query_block, jnp.arange(nq))  # [nq,B,block,k]
-  join = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, nq * block, top)[:, :t]
+  indices, valid = jax.lax.map(query_block, jnp.arange(nq))  # [nq,B,q_block,k']
+  join = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, nq * q_block, top)[:, :t]
   return join(indices), join(valid)
 
 
-def mask_block(mask, block: int):
+def mask_block(mask, q_block: int, k_block: int):
   """visible_block for blocked_top_k from an AttentionMask (dsjax.ops.attention): key s is
   visible to query t iff its position is not later and, with segment ids, the segments match
   (padding keys, segment 0, never); rows and keys past the ends are invisible."""
-  def pad(x, fill):
+  def pad(x, block, fill):
     n = -(-x.shape[1] // block) * block
     return jnp.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=fill)
 
   big = jnp.iinfo(jnp.int32).max
-  qpos, kpos = pad(mask.q_positions.astype(jnp.int32), -1), pad(
-      mask.k_positions.astype(jnp.int32), big)
+  qpos = pad(mask.q_positions.astype(jnp.int32), q_block, -1)
+  kpos = pad(mask.k_positions.astype(jnp.int32), k_block, big)
   segments = mask.q_segment_ids is not None
-  qseg = pad(mask.q_segment_ids, -1) if segments else None
-  kseg = pad(mask.k_segment_ids, 0) if segments else None
+  qseg = pad(mask.q_segment_ids, q_block, -1) if segments else None
+  kseg = pad(mask.k_segment_ids, k_block, 0) if segments else None
 
   def visible(q_start, k_start):
-    take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, block, 1)
-    vis = take(kpos, k_start)[:, None, :] <= take(qpos, q_start)[:, :, None]
+    qs = lambda x: jax.lax.dynamic_slice_in_dim(x, q_start, q_block, 1)[:, :, None]
+    ks = lambda x: jax.lax.dynamic_slice_in_dim(x, k_start, k_block, 1)[:, None, :]
+    vis = ks(kpos) <= qs(qpos)
     if segments:
-      ks = take(kseg, k_start)[:, None, :]
-      vis &= (take(qseg, q_start)[:, :, None] == ks) & (ks != 0)
+      vis &= (qs(qseg) == ks(kseg)) & (ks(kseg) != 0)
     return vis
   return visible
 

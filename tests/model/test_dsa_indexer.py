@@ -204,7 +204,8 @@ def test_blocked_top_k_equals_dense(packed):
   mask = AttentionMask.self_attention(positions, segments)
   visible = mask.dense()[:, 0]
   want_idx, want_valid = ops.top_k(ops.index_scores(q, k, w), visible, top)
-  got_idx, got_valid = ops.blocked_top_k(q, k, w, ops.mask_block(mask, block), top, block)
+  got_idx, got_valid = ops.blocked_top_k(q, k, w, ops.mask_block(mask, block, 2 * block), top,
+                                         block, 2 * block)
   np.testing.assert_array_equal(got_valid, want_valid)
   np.testing.assert_array_equal(jnp.where(got_valid, got_idx, -1), jnp.where(want_valid, want_idx, -1))
   assert int(jnp.sum(~want_valid)) > 0  # early queries see fewer than `top` keys
@@ -229,3 +230,30 @@ def test_indexer_kl_matches_numpy():
     p = target[i, j, v]
     want = np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1) / q), 0))
     np.testing.assert_allclose(value, want, rtol=1e-4, atol=1e-6)
+
+
+def test_query_chunks_change_nothing():
+  """The gather path in chunks of 8 queries (a ragged last one) equals one piece: outputs,
+  the sparse stage's target and the gradients."""
+  rng = np.random.default_rng(7)
+  b, t, n, hn, hv, r, c, k = 2, 21, 3, 4, 5, 2, 6, 5
+  f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  q_nope, q_pe, c_kv, k_pe, wkv_b = f(b, t, n, hn), f(b, t, n, r), f(b, t, c), f(b, t, r), f(
+      c, n, hn + hv)
+  visible = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0)
+  indices, valid = ops.top_k(f(b, t, t), visible, k)
+  cot = f(b, t, n, hv)
+
+  def loss(block, *args):
+    out, target = ops.sparse_latent_attention(*args, indices, valid, wkv_b, 0.3,
+                                              query_block=block, with_target=True)
+    return jnp.sum(out * cot), (out, target)
+
+  grad = lambda block: jax.grad(loss, argnums=(1, 2, 3, 4), has_aux=True)(
+      block, q_nope, q_pe, c_kv, k_pe)
+  (g_chunked, (out_c, target_c)), (g_whole, (out_w, target_w)) = grad(8), grad(64)
+  np.testing.assert_allclose(out_c, out_w, atol=1e-5)
+  np.testing.assert_allclose(target_c, target_w, atol=1e-6)
+  np.testing.assert_allclose(jnp.sum(target_w, -1), jnp.ones((b, t)), atol=1e-5)
+  for a, w in zip(g_chunked, g_whole):
+    np.testing.assert_allclose(a, w, atol=1e-5)
