@@ -169,6 +169,9 @@ class NSAConfig:
            "number of queries.")
 
 
+DSA_IMPLS = ("auto", "gather", "pallas", "dense")
+
+
 @dataclasses.dataclass(frozen=True)
 class DSAConfig:
   """DeepSeek Sparse Attention (DeepSeek-V3.2): a lightning indexer picks, per query, the
@@ -178,8 +181,10 @@ class DSAConfig:
     index_n_heads: indexer query heads (H_I).
     index_head_dim: indexer query/key dims (D_I); the first qk_rope_head_dim are rotary.
     index_topk: tokens each query attends to (k); sequences of at most k tokens are dense MLA.
-    impl: "gather" (each query reads its k selected latents, MLA absorbed; the default) or
-      "dense" (the reference: the selection as a mask on MLA's expanded attention).
+    impl: "auto" (the default: "pallas" on TPU and GPU, "gather" on CPU), "gather" (each
+      query reads its k selected latents, MLA absorbed, in XLA), "pallas" (the same in
+      pallas_kernels.dsa's TPU / GPU kernels; their interpreter on CPU, for tests) or "dense"
+      (the reference: the selection as a mask on MLA's expanded attention).
     index_precision: "exact" (float32 scores) or "fp8" (DeepSeek's deployed indexer: queries
       and keys rotated by a Hadamard matrix and quantised to e4m3 with power-of-two scales per
       128 channels before scoring; the selection then matches DeepSeek's kernels).
@@ -188,14 +193,13 @@ class DSAConfig:
   index_n_heads: int = 64
   index_head_dim: int = 128
   index_topk: int = 2048
-  impl: Literal["gather", "dense"] = "gather"
+  impl: Literal["auto", "gather", "pallas", "dense"] = "auto"
   index_precision: Literal["exact", "fp8"] = "exact"
 
   def __post_init__(self):
     for name in ("index_n_heads", "index_head_dim", "index_topk"):
       _check(getattr(self, name) > 0, f"dsa.{name}={getattr(self, name)} must be > 0.")
-    _check(self.impl in ("gather", "dense"),
-           f"dsa.impl={self.impl!r}; use 'gather' or 'dense'.")
+    _check(self.impl in DSA_IMPLS, f"dsa.impl={self.impl!r}; use one of {DSA_IMPLS}.")
     _check(self.index_precision in ("exact", "fp8"),
            f"dsa.index_precision={self.index_precision!r}; use 'exact' or 'fp8'.")
     _check(self.index_precision == "exact" or not self.index_head_dim & (self.index_head_dim - 1),

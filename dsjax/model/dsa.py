@@ -31,11 +31,19 @@ from dsjax.model.param import AXES, normal_param, ones_param
 from dsjax.ops import dsa as dsa_ops
 from dsjax.ops.attention import DENSE_MAX_LOGITS, AttentionMask, dot_product_attention
 from dsjax.ops.linear import OutMajor, project
+from dsjax.ops.platform import target_platform
 from dsjax.ops.rope import apply_rope
 
 
 DSA_STAGES = ("dense_warmup", "sparse")
 SCORE_BLOCKS = (128, 2048)  # query and key blocks of the blocked index scoring
+
+
+def resolve_dsa_impl(impl: str) -> str:
+  """'auto' -> the Pallas kernels on TPU / GPU, the XLA gather path on CPU."""
+  if impl != "auto":
+    return impl
+  return "gather" if target_platform() == "cpu" else "pallas"
 
 
 class LayerNorm(nnx.Module):
@@ -153,11 +161,17 @@ class DSAttention(MLA):
     wkv_b = self._w("wkv_b")
     return wkv_b.in_major() if isinstance(wkv_b, OutMajor) else wkv_b  # decoding's layout
 
-  def _sparse(self, q_nope, q_pe, indices, valid, cache: DSACache) -> jax.Array:
-    """MLA over each query's selected entries of `cache` [B,S,...] -> [B,T,D]."""
-    out = dsa_ops.sparse_latent_attention(q_nope, q_pe, cache.c_kv, cache.k_pe, indices, valid,
-                                          self._wkv_b(), self.scale)
-    return project(out, self._w("wo"), 2)
+  def _sparse(self, q_nope, q_pe, indices, valid, cache: DSACache, with_target=False):
+    """MLA over each query's selected entries of `cache` [B,S,...] -> [B,T,D] (and, with
+    with_target, the head-mean probabilities over them, float32 [B,T,k])."""
+    args = (q_nope, q_pe, cache.c_kv, cache.k_pe, indices, valid, self._wkv_b(), self.scale)
+    if resolve_dsa_impl(self.impl) == "pallas":
+      out = dsa_ops.kernel_attention(*args, target_platform())
+      target = dsa_ops.selected_target(*args) if with_target else None
+    else:
+      out, target = dsa_ops.sparse_latent_attention(*args, with_target=True)
+    out = project(out.astype(self.dtype), self._w("wo"), 2)
+    return (out, target) if with_target else out
 
   def _new_entries(self, x, cos, sin):
     """(q_nope, q_pe, these tokens' DSACache entries)."""
@@ -172,7 +186,7 @@ class DSAttention(MLA):
     q_nope, q_pe, entries = self._new_entries(x, ctx.cos, ctx.sin)
     cache = entries if slots is None else entries.padded(slots)
     q, weights = self._queries(x, ctx.cos, ctx.sin)
-    if self.impl == "gather":
+    if self.impl != "dense":
       indices, valid = self._select(q, weights, entries.k_index, ctx.mask)
       return self._sparse(q_nope, q_pe, indices, valid, entries), cache
     visible = ctx.mask.dense()[:, 0]
@@ -201,10 +215,7 @@ class DSAttention(MLA):
       scores = dsa_ops.index_scores(q, entries.k_index, weights)
     else:
       indices, visible = self._select(q, weights, entries.k_index, ctx.mask)
-      out, target = dsa_ops.sparse_latent_attention(
-          q_nope, q_pe, entries.c_kv, entries.k_pe, indices, visible, self._wkv_b(),
-          self.scale, with_target=True)
-      out = project(out, self._w("wo"), 2)
+      out, target = self._sparse(q_nope, q_pe, indices, visible, entries, with_target=True)
       scores = dsa_ops.scores_at(q, entries.k_index, weights, indices)
     kl = dsa_ops.indexer_kl(target, scores, visible)
     real = (jnp.ones(kl.shape, jnp.float32) if ctx.mask.q_segment_ids is None

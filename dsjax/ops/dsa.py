@@ -100,6 +100,32 @@ def sparse_latent_attention(q_nope, q_pe, c_kv, k_pe, indices, valid, wkv_b, sca
   return (out, jax.lax.stop_gradient(target)) if with_target else out
 
 
+def selected_target(q_nope, q_pe, c_kv, k_pe, indices, valid, wkv_b, scale,
+                    query_block: int = QUERY_BLOCK) -> jax.Array:
+  """The head-mean attention probabilities over each query's selected keys, float32 [B,T,k]
+  without gradient (what sparse_latent_attention's with_target gives), for an attention
+  computed elsewhere (the Pallas kernels)."""
+  def chunk(qn, qp, idx, ok):
+    return jnp.mean(selected_probs(qn, qp, c_kv, k_pe, idx, ok, wkv_b, scale)[0], axis=2)
+  return jax.lax.stop_gradient(in_query_chunks(chunk, query_block, q_nope, q_pe, indices,
+                                               valid))
+
+
+def kernel_attention(q_nope, q_pe, c_kv, k_pe, indices, valid, wkv_b, scale, platform: str):
+  """sparse_latent_attention on pallas_kernels.dsa.sparse_mla (TPU / GPU kernels; their
+  interpreter when `platform` is "cpu"): the absorbed query [q_nope.W_uk | q_pe] against the
+  latent [c_kv | k_pe], then the output's W_uv expansion."""
+  from pallas_kernels import dsa as dsa_kernels  # the kernels load only when used
+  nope = q_nope.shape[-1]
+  latent = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)
+  q = jnp.concatenate([jnp.einsum("BTNH,CNH->BTNC", q_nope, wkv_b[..., :nope]),
+                       q_pe], axis=-1).astype(latent.dtype)
+  out = dsa_kernels.sparse_mla(q, latent, jnp.where(valid, indices, -1), float(scale),
+                               c_kv.shape[-1], interpret=platform == "cpu",
+                               backend=None if platform == "cpu" else platform)
+  return jnp.einsum("BTNC,CNH->BTNH", out, wkv_b[..., nope:].astype(out.dtype))
+
+
 def values_from_probs(probs, c_sel, wkv_b, nope_dim: int) -> jax.Array:
   """Absorbed MLA's output [B,T,N,Hv] from probabilities [B,T,N,k] over the selected latents
   c_sel [B,T,k,C]: their weighted sum, expanded by wkv_b's value part [C,N,Hv]."""

@@ -54,6 +54,18 @@ def test_gather_equals_dense_reference(ids):
   assert sum(float(jnp.abs(g.get_value()).max()) > 0 for g in others) > 10
 
 
+def test_pallas_kernels_equal_the_gather_path(ids):
+  """dsa.impl="pallas" (pallas_kernels.dsa's TPU kernel in its interpreter on CPU) gives the
+  gather path's logits and gradients, packed documents included."""
+  segment_ids = jnp.asarray(np.repeat([[1, 2]], 10, axis=1).reshape(1, 20).repeat(2, 0))
+  kernel_logits, kernel_grads = _value_and_grad(_model("pallas"), ids, segment_ids)
+  gather_logits, gather_grads = _value_and_grad(_model("gather"), ids, segment_ids)
+  np.testing.assert_allclose(kernel_logits, gather_logits, atol=1e-5)
+  for (path, g), (_, d) in zip(kernel_grads, gather_grads):
+    np.testing.assert_allclose(g.get_value(), d.get_value(), atol=1e-5, rtol=1e-4,
+                               err_msg="/".join(map(str, path)))
+
+
 def test_selection_changes_the_output(ids):
   sparse, _ = _value_and_grad(_model("gather"), ids)
   dense_mla, _ = _value_and_grad(_model("gather", topk=64), ids)
