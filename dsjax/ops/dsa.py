@@ -60,7 +60,7 @@ def selected_probs(q_nope, q_pe, c_kv, k_pe, indices, valid, wkv_b, scale):
   return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0), c_sel
 
 
-QUERY_BLOCK = 256  # queries per chunk of the gather path: [block, k, C+R] gathered at a time
+QUERY_BLOCK = 32  # queries per chunk of the gather path: [block, k, C+R] gathered at a time
 
 
 def in_query_chunks(fn, block: int, *per_query):
@@ -154,12 +154,45 @@ def scores_at(q: jax.Array, k: jax.Array, weights: jax.Array, indices: jax.Array
   return jnp.einsum("BTHK,BTH->BTK", logits, weights.astype(jnp.float32))
 
 
+def _ordered_bits(x: jax.Array) -> jax.Array:
+  """float32 -> uint32 in the same order (-inf lowest): the sign bit flipped for positive
+  numbers, every bit for negative ones."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def threshold_top_k(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The same key sets as top_k's (ties to the lower index) without sorting: the k-th
+  largest score found bit by bit (32 counting passes over [..., S]), then every key above it
+  and the lowest-index ones equal to it, in index order. scores float [..., S] (-inf: not
+  visible) -> (indices int32 [..., k], valid bool [..., k]: the score is finite)."""
+  bits = _ordered_bits(scores)
+  threshold = jnp.zeros(scores.shape[:-1] + (1,), jnp.uint32)
+  for bit in range(31, -1, -1):
+    candidate = threshold | jnp.uint32(1 << bit)
+    enough = jnp.sum(bits >= candidate, axis=-1, keepdims=True, dtype=jnp.int32) >= k
+    threshold = jnp.where(enough, candidate, threshold)
+  above = bits > threshold
+  ties = bits == threshold
+  room = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
+  take = above | (ties & (jnp.cumsum(ties, axis=-1, dtype=jnp.int32) <= room))
+  # the j-th taken key: the first position whose running count of taken keys reaches j + 1
+  counts = jnp.cumsum(take, axis=-1, dtype=jnp.int32)
+  wanted = jnp.broadcast_to(jnp.arange(1, k + 1, dtype=jnp.int32), scores.shape[:-1] + (k,))
+  flat = lambda x: x.reshape(-1, x.shape[-1])
+  indices = jax.vmap(lambda c, w: jnp.searchsorted(c, w, side="left"))(flat(counts),
+                                                                     flat(wanted))
+  indices = indices.reshape(wanted.shape).astype(jnp.int32)
+  valid = jnp.take_along_axis(scores, indices, axis=-1) > -jnp.inf
+  return indices, valid
+
+
 def blocked_top_k(q: jax.Array, k: jax.Array, weights: jax.Array, visible_block, top: int,
                   q_block: int = 128, k_block: int = 2048) -> tuple[jax.Array, jax.Array]:
   """dsa.top_k(index_scores(q, k, weights), visible, top) without the [T,S] scores: queries
   in blocks of `q_block`, each scored against the keys in blocks of `k_block` ([q_block, S]
-  scores and [q_block, H, k_block] logits live at a time), then one top-k per query (ties to
-  the lower key index, as the dense top_k). visible_block(q_start, k_start) -> bool
+  scores and [q_block, H, k_block] logits live at a time), then each query's top-k set by
+  threshold_top_k (the dense top_k's sets, ties to the lower key index, in index order). visible_block(q_start, k_start) -> bool
   [B,q_block,k_block] (mask_block): which keys of the key block the block's queries see; rows
   and keys past T and S come padded and are invisible. Returns (indices int32[B,T,k'], valid
   bool[B,T,k']) with k' = min(top, S)."""
@@ -182,8 +215,7 @@ def blocked_top_k(q: jax.Array, k: jax.Array, weights: jax.Array, visible_block,
 
     scores = jax.lax.map(key_block, jnp.arange(nk))  # [nk,B,q_block,k_block]
     scores = jnp.moveaxis(scores, 0, 2).reshape(b, q_block, nk * k_block)[:, :, :s]
-    values, indices = jax.lax.top_k(scores, top)
-    return indices.astype(jnp.int32), values > -jnp.inf
+    return threshold_top_k(scores, top)
 
   indices, valid = jax.lax.map(query_block, jnp.arange(nq))  # [nq,B,q_block,k']
   join = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, nq * q_block, top)[:, :t]
