@@ -153,9 +153,10 @@ def stats_lines(result: Any, description: str) -> list[str]:
       f"generated tokens: {result.generated_tokens}, decode: "
       f"{result.decode_tokens_per_second:,.1f} tokens/s ({result.decode_seconds:.2f} s)",
       f"compilation: {result.compile_seconds:.1f} s",
-      f"cache: {result.cache_bytes:,} bytes ({result.cache_bytes_per_token_layer:,.0f} per "
-      "token per layer)",
+      f"cache: {result.cache_bytes:,} bytes",
   ]
+  if result.cache_bytes_per_token_layer is not None:
+    lines[-1] += f" ({result.cache_bytes_per_token_layer:,.0f} per token per layer)"
   if result.acceptance_rate is not None:
     lines.append(f"MTP acceptance rate: {result.acceptance_rate:.2f} "
                  f"({result.drafts_accepted}/{result.drafts_proposed} drafts, "

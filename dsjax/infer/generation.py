@@ -60,6 +60,14 @@ def prompt_bucket(length: int) -> int:
   return max(_MIN_PROMPT_BUCKET, _next_power_of_two(length))
 
 
+def _uniform_bytes_per_token(cache) -> float | None:
+  """bytes_per_token_per_layer, or None for a model whose layer kinds cache different sizes."""
+  try:
+    return bytes_per_token_per_layer(cache)
+  except ValueError:
+    return None
+
+
 def cache_bucket(slots: int) -> int:
   return -(-slots // _CACHE_SLOT_MULTIPLE) * _CACHE_SLOT_MULTIPLE
 
@@ -78,7 +86,8 @@ class GenerationResult:
   main_model_calls: int = 0
   drafts_proposed: int = 0
   drafts_accepted: int = 0
-  cache_bytes_per_token_layer: float = 0.0  # what one token adds to one layer's cache
+  # what one token adds to one layer's cache; None where the layers' kinds differ in it
+  cache_bytes_per_token_layer: float | None = None
 
   @property
   def generated_tokens(self) -> int:
@@ -382,7 +391,7 @@ class Generator:
     prefill_seconds = time.perf_counter() - start - clock.seconds
     for row in range(rows):
       outputs.add(row, [int(first_np[row])])
-    cache_bytes, per_token = cache_nbytes(cache), bytes_per_token_per_layer(cache)
+    cache_bytes, per_token = cache_nbytes(cache), _uniform_bytes_per_token(cache)
 
     start, compiled = time.perf_counter(), clock.seconds
     if speculative == "mtp":
