@@ -14,21 +14,14 @@ stages at 128K tokens per sequence (docs/dsa.md):
     15000 steps of 480 sequences (944B tokens), from the warm-up's checkpoint.
 The batch of 480 needs a mesh whose batch split (data x fsdp x expert) divides it."""
 
-import importlib.util
 from pathlib import Path
 
-
-def _v3_config():
-  """configs/deepseek_v3_671b.py's experiment, loaded by path (configs are not a package)."""
-  path = Path(__file__).with_name("deepseek_v3_671b.py")
-  spec = importlib.util.spec_from_file_location("deepseek_v3_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from dsjax.experiment import load_experiment
 
 
 def get_config():
-  cfg = _v3_config()
+  # configs are not a package: DeepSeek-V3's file, loaded by path
+  cfg = load_experiment(Path(__file__).with_name("deepseek_v3_671b.py"))
   cfg.model.attention = "dsa"
   cfg.model.dsa = dict(index_n_heads=64, index_head_dim=128, index_topk=2048, impl="gather",
                        index_precision="exact")

@@ -5,20 +5,13 @@ sparse stage (every parameter learns, the indexers on their KL loss, reported as
 in metrics.jsonl); `--config.train.dsa_stage=dense_warmup` with `--config.train.init_from`
 runs DeepSeek's first stage on a trained model (docs/dsa.md)."""
 
-import importlib.util
 from pathlib import Path
 
-
-def _tiny_config():
-  """configs/tiny.py's experiment, loaded by path (config files are not a package)."""
-  spec = importlib.util.spec_from_file_location("tiny_config", Path(__file__).with_name("tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from dsjax.experiment import load_experiment
 
 
 def get_config():
-  cfg = _tiny_config()
+  cfg = load_experiment(Path(__file__).with_name("tiny.py"))  # configs are not a package
   cfg.model.attention = "dsa"
   cfg.model.dsa = dict(index_n_heads=4, index_head_dim=32, index_topk=32, impl="gather",
                        index_precision="exact")

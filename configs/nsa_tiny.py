@@ -3,20 +3,13 @@ Sparse Attention (GQA, 4 query heads on 1 KV head) in place of MLA. Block sizes 
 down from the paper's (l=32, d=16, l'=64, n=16, w=512) so that all three branches matter at
 seq_len 512: l=16, d=8, l'=32, n=4, w=64."""
 
-import importlib.util
 from pathlib import Path
 
-
-def _tiny_config():
-  """configs/tiny.py's experiment, loaded by path (config files are not a package)."""
-  spec = importlib.util.spec_from_file_location("tiny_config", Path(__file__).with_name("tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from dsjax.experiment import load_experiment
 
 
 def get_config():
-  cfg = _tiny_config()
+  cfg = load_experiment(Path(__file__).with_name("tiny.py"))  # configs are not a package
   cfg.model.attention = "nsa"
   cfg.model.nsa = dict(num_kv_heads=1, head_dim=32, v_head_dim=32, compress_block=16,
                        compress_stride=8, compress_hidden=64, select_block=32, num_selected=4,

@@ -8,10 +8,11 @@ rope part comes last), per-head weights weights_proj(x) kept in float32. Scores 
 in dsjax.ops.dsa; the selection carries no gradient (DeepSeek trains the indexer with its own
 KL loss).
 
-Two exact implementations (dsa.impl): "gather" (the default) reads only each query's k
-selected latents, MLA in its absorbed form (dsjax.ops.dsa.sparse_latent_attention, in chunks
+Exact implementations (dsa.impl; "auto": pallas on TPU/GPU, gather on CPU): "gather" reads
+only each query's k selected latents, MLA in its absorbed form (dsjax.ops.dsa.sparse_latent_attention, in chunks
 of queries; the index scores in blocks once [T,S] would be large, dsa.blocked_top_k);
-"dense" is the reference, the selection as a [B,T,S] mask on MLA's expanded attention. Decoding keeps the indexer's keys next to MLA's
+"pallas" does the same in pallas_kernels.dsa; "dense" is the reference, the selection as a
+[B,T,S] mask on MLA's expanded attention. Decoding keeps the indexer's keys next to MLA's
 latent (DSACache) and selects among the cached tokens at every step.
 """
 
@@ -29,7 +30,8 @@ from dsjax.model.latent_cache import pad_fields, slots_of, write_fields
 from dsjax.model.mla import MLA, MLAContext, MLADecodeContext
 from dsjax.model.param import AXES, normal_param, ones_param
 from dsjax.ops import dsa as dsa_ops
-from dsjax.ops.attention import DENSE_MAX_LOGITS, AttentionMask, dot_product_attention
+from dsjax.ops.attention import (DENSE_MAX_LOGITS, AttentionMask, attention_probs,
+                                 dot_product_attention)
 from dsjax.ops.linear import OutMajor, project
 from dsjax.ops.platform import target_platform
 from dsjax.ops.rope import apply_rope
@@ -168,8 +170,10 @@ class DSAttention(MLA):
     if resolve_dsa_impl(self.impl) == "pallas":
       out = dsa_ops.kernel_attention(*args, target_platform())
       target = dsa_ops.selected_target(*args) if with_target else None
-    else:
+    elif with_target:
       out, target = dsa_ops.sparse_latent_attention(*args, with_target=True)
+    else:
+      out = dsa_ops.sparse_latent_attention(*args)
     out = project(out.astype(self.dtype), self._w("wo"), 2)
     return (out, target) if with_target else out
 
@@ -211,7 +215,7 @@ class DSAttention(MLA):
     if stage == "dense_warmup":
       visible = ctx.mask.dense()[:, 0]
       out, probs = self._dense_with_probs(q_nope, q_pe, entries.c_kv, entries.k_pe, visible)
-      target = dsa_ops.head_mean(probs)
+      target = dsa_ops.head_mean(probs, head_axis=1)
       scores = dsa_ops.index_scores(q, entries.k_index, weights)
     else:
       indices, visible = self._select(q, weights, entries.k_index, ctx.mask)
@@ -244,10 +248,10 @@ class DSAttention(MLA):
     return self._sparse(q_nope, q_pe, indices, valid, cache), cache
 
   def _dense_with_probs(self, q_nope, q_pe, c_kv, k_pe, visible):
-    """Dense MLA over bool visible [B,T,S] -> (out [B,T,D], probabilities [B,T,N,S])."""
+    """Dense MLA over bool visible [B,T,S] -> (out [B,T,D], probabilities [B,N,T,S])."""
     q, k, v = self._expanded(q_nope, q_pe, c_kv, k_pe)
-    probs = dsa_ops.dense_probs(q, k, visible[:, None], self.scale)
-    out = jnp.einsum("BTNS,BSNH->BTNH", probs.astype(v.dtype), v)
+    probs = attention_probs(q, k, visible[:, None], self.scale)
+    out = jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
     return project(out, self._w("wo"), 2), probs
 
   def _expanded(self, q_nope, q_pe, c_kv, k_pe):

@@ -71,11 +71,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   q [B,T,N,H], k [B,S,N,H], v [B,S,N,Hv], mask bool broadcastable to [B,N,T,S] -> [B,T,N,Hv].
   A query row with no visible key returns zeros rather than NaN.
   """
+  probs = attention_probs(q, k, mask, scale).astype(v.dtype)
+  return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+
+
+def attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+  """dot_product_attention's weights: float32 [B,N,T,S], softmax(q.k * scale) over the keys
+  of `mask` (broadcastable to [B,N,T,S]), 0 elsewhere and in rows without a key."""
   logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
-  return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+  return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
 
 
 def resolve_impl(impl: str, q: jax.Array, k: jax.Array, v: jax.Array) -> str:

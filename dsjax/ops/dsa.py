@@ -3,9 +3,9 @@
   I[t,s] = sum_h w[t,h] * relu(q[t,h] . k[s]) * index_head_dim^-0.5,  w = weights_proj(x) * H^-0.5
 
 over the keys query t may see; each query keeps its top-k keys, and MLA attends to those only.
-Also here: the blocked scoring that keeps a running top-k instead of [T,S] scores, the indexer's
-KL loss (DeepSeek-V3.2's two training stages) and the FP8-faithful mode's Hadamard rotation and
-e4m3 quantiser with power-of-two (ue8m0) scales.
+Also here: the gather path in query chunks, the blocked scoring and sort-free top-k that never
+hold [T,S] scores, the indexer's KL loss (DeepSeek-V3.2's two training stages) and the
+FP8-faithful mode's Hadamard rotation and e4m3 quantiser with power-of-two (ue8m0) scales.
 """
 
 from __future__ import annotations
@@ -94,21 +94,20 @@ def sparse_latent_attention(q_nope, q_pe, c_kv, k_pe, indices, valid, wkv_b, sca
   selected keys, float32 [B,T,k] without gradient (the sparse stage's indexer target)."""
   def chunk(qn, qp, idx, ok):
     probs, c_sel = selected_probs(qn, qp, c_kv, k_pe, idx, ok, wkv_b, scale)
-    return values_from_probs(probs, c_sel, wkv_b, qn.shape[-1]), jnp.mean(probs, axis=2)
+    out = values_from_probs(probs, c_sel, wkv_b, qn.shape[-1])
+    return (out, head_mean(probs)) if with_target else out
 
-  out, target = in_query_chunks(chunk, query_block, q_nope, q_pe, indices, valid)
-  return (out, jax.lax.stop_gradient(target)) if with_target else out
+  return in_query_chunks(chunk, query_block, q_nope, q_pe, indices, valid)
 
 
 def selected_target(q_nope, q_pe, c_kv, k_pe, indices, valid, wkv_b, scale,
                     query_block: int = QUERY_BLOCK) -> jax.Array:
-  """The head-mean attention probabilities over each query's selected keys, float32 [B,T,k]
-  without gradient (what sparse_latent_attention's with_target gives), for an attention
-  computed elsewhere (the Pallas kernels)."""
+  """sparse_latent_attention's target alone (the head-mean attention probabilities over each
+  query's selected keys, float32 [B,T,k], no gradient), for an attention computed elsewhere
+  (the Pallas kernels)."""
   def chunk(qn, qp, idx, ok):
-    return jnp.mean(selected_probs(qn, qp, c_kv, k_pe, idx, ok, wkv_b, scale)[0], axis=2)
-  return jax.lax.stop_gradient(in_query_chunks(chunk, query_block, q_nope, q_pe, indices,
-                                               valid))
+    return head_mean(selected_probs(qn, qp, c_kv, k_pe, idx, ok, wkv_b, scale)[0])
+  return in_query_chunks(chunk, query_block, q_nope, q_pe, indices, valid)
 
 
 def kernel_attention(q_nope, q_pe, c_kv, k_pe, indices, valid, wkv_b, scale, platform: str):
@@ -192,9 +191,10 @@ def blocked_top_k(q: jax.Array, k: jax.Array, weights: jax.Array, visible_block,
   """dsa.top_k(index_scores(q, k, weights), visible, top) without the [T,S] scores: queries
   in blocks of `q_block`, each scored against the keys in blocks of `k_block` ([q_block, S]
   scores and [q_block, H, k_block] logits live at a time), then each query's top-k set by
-  threshold_top_k (the dense top_k's sets, ties to the lower key index, in index order). visible_block(q_start, k_start) -> bool
-  [B,q_block,k_block] (mask_block): which keys of the key block the block's queries see; rows
-  and keys past T and S come padded and are invisible. Returns (indices int32[B,T,k'], valid
+  threshold_top_k (the dense top_k's sets, ties to the lower key index, in index order).
+  visible_block(q_start, k_start) -> bool [B,q_block,k_block] (mask_block): which keys of the
+  key block the block's queries see; rows and keys past T and S come padded and are
+  invisible. Returns (indices int32[B,T,k'], valid
   bool[B,T,k']) with k' = min(top, S)."""
   b, t = q.shape[:2]
   s = k.shape[1]
@@ -249,11 +249,11 @@ def mask_block(mask, q_block: int, k_block: int):
 
 # ---- the indexer's training loss (DeepSeek-V3.2, Sec. 2.1) ----
 
-def head_mean(probs: jax.Array) -> jax.Array:
-  """The main attention's distribution as the indexer's target: probabilities [B,T,N,K] summed
-  over the N heads and L1-normalised (each head's row sums to 1 or is all 0, so this is their
-  mean) -> float32 [B,T,K], without gradient."""
-  return jax.lax.stop_gradient(jnp.mean(probs.astype(jnp.float32), axis=2))
+def head_mean(probs: jax.Array, head_axis: int = 2) -> jax.Array:
+  """The main attention's distribution as the indexer's target: probabilities ([B,T,N,K] by
+  default) summed over the heads and L1-normalised (each head's row sums to 1 or is all 0, so
+  this is their mean) -> float32 [B,T,K], without gradient."""
+  return jax.lax.stop_gradient(jnp.mean(probs.astype(jnp.float32), axis=head_axis))
 
 
 def indexer_kl(target: jax.Array, scores: jax.Array, valid: jax.Array) -> jax.Array:
@@ -264,15 +264,6 @@ def indexer_kl(target: jax.Array, scores: jax.Array, valid: jax.Array) -> jax.Ar
   p = jnp.where(valid, target, 0.0)
   terms = jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q), 0.0)
   return jnp.sum(terms, axis=-1)
-
-
-def dense_probs(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-  """float32 [B,T,N,S]: softmax(q.k * scale) over the keys of mask bool [B,1,T,S] (0 off it;
-  rows without a key all 0); q [B,T,N,H], k [B,S,N,H]: dense MLA's attention weights."""
-  logits = jnp.einsum("BTNH,BSNH->BTNS", q, k, preferred_element_type=jnp.float32) * scale
-  visible = jnp.moveaxis(mask, 1, 2)  # [B,T,1,S]
-  logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
-  return jnp.where(visible, jax.nn.softmax(logits, axis=-1), 0.0)
 
 
 # ---- the FP8-faithful indexer (DeepSeek's deployed kernels) ----

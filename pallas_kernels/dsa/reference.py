@@ -22,6 +22,8 @@ gathers each query's K rows, O(T*K*D), and is what plain JAX autodiff differenti
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.nsa.reference import masked_softmax
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -34,23 +36,6 @@ def selection_mask(indices: jax.Array, num_keys: int) -> jax.Array:
   """indices int [B,T,K] -> bool [B,T,S]: key s is selected by query t."""
   keys = jnp.arange(num_keys, dtype=indices.dtype)
   return jnp.any(indices[..., :, None] == keys, axis=-2)
-
-
-def masked_softmax(logits: jax.Array, mask: jax.Array):
-  """logits f32 [..., M], mask broadcastable to it -> (p [..., M], lse [...]).
-
-  A row with nothing allowed gives p = 0 and lse -inf, with finite gradients: the shift is a
-  stop_gradient (the softmax does not depend on it) and log/division only ever see a
-  positive denominator."""
-  logits = jnp.where(mask, logits, -jnp.inf)
-  shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  shift = jnp.where(jnp.isfinite(shift), shift, 0.)
-  unnormalised = jnp.where(mask, jnp.exp(logits - shift), 0.)
-  denom = jnp.sum(unnormalised, axis=-1, keepdims=True)
-  nonempty = denom > 0
-  safe = jnp.where(nonempty, denom, 1.)
-  lse = jnp.where(nonempty, shift + jnp.log(safe), -jnp.inf)
-  return unnormalised / safe, lse[..., 0]
 
 
 def sparse_mla_reference(q, latent, indices, scale: float, v_dim: int,

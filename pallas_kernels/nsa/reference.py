@@ -47,7 +47,7 @@ def allowed_keys(block_indices: jax.Array, block_size: int, seq_len: int,
   return allowed
 
 
-def _masked_softmax(scores, mask):
+def masked_softmax(scores, mask):
   """scores [..., N] (f32), mask broadcastable to it -> (probabilities, lse [...]).
 
   Rows with no allowed key give all-zero probabilities and lse -inf, with finite gradients:
@@ -79,7 +79,7 @@ def selected_attention_reference(q, k, v, block_indices, block_size: int, scale=
   qg = _split_heads(q, h)
   scores = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32), precision=_HIGHEST)
   mask = allowed_keys(block_indices, block_size, t, key_start, key_end)[:, :, :, None, :]
-  p, lse = _masked_softmax(scores * scale, mask)
+  p, lse = masked_softmax(scores * scale, mask)
   o = jnp.einsum("bthgs,bshe->bthge", p, v.astype(jnp.float32), precision=_HIGHEST)
   o = o.reshape(b, t, hq, v.shape[-1]).astype(q.dtype)
   return (o, lse.reshape(b, t, hq)) if return_lse else o
@@ -125,7 +125,7 @@ def selected_attention_gather(q, k, v, block_indices, block_size: int, scale=Non
                                  query_offset, key_start, key_end)
   v_sel, _ = gather_selected(v.astype(jnp.float32), block_indices, block_size, query_offset)
   scores = jnp.einsum("bthgd,bthnd->bthgn", _split_heads(q, h), k_sel, precision=_HIGHEST)
-  p, lse = _masked_softmax(scores * scale, valid[:, :, :, None, :])
+  p, lse = masked_softmax(scores * scale, valid[:, :, :, None, :])
   o = jnp.einsum("bthgn,bthne->bthge", p, v_sel, precision=_HIGHEST)
   o = o.reshape(b, t, hq, v.shape[-1]).astype(q.dtype)
   return (o, lse.reshape(b, t, hq)) if return_lse else o
