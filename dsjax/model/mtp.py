@@ -17,7 +17,8 @@ from dsjax.model.param import normal_param
 
 class MTPModule(nnx.Module):
   """(embedded next tokens [B,T,D], previous hidden [B,T,D]) -> (normalised hidden [B,T,D],
-  its block's LayerAux: routing of its MoE layer, attention losses). Its layer is a Block of cfg.mtp_spec."""
+  its block's LayerAux: routing of its MoE layer, attention losses). Its layer is a Block of
+  cfg.mtp_spec."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, eps, pdt = cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype

@@ -22,6 +22,11 @@ DSA_TRAIN_STAGES = ("off", "dense_warmup", "sparse")
 INDEXER = "indexer"  # the parameter-path key of every DSA layer's lightning indexer
 
 
+def dsa_stage(train) -> str:
+  """The train section's dsa_stage ("off" where a section predates it)."""
+  return train.get("dsa_stage", "off")
+
+
 def check_stage(stage: str, model_cfg: ModelConfig) -> None:
   """A clear error for an unknown stage or a stage on a model without DSA layers."""
   if stage not in DSA_TRAIN_STAGES:

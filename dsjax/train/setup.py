@@ -21,7 +21,7 @@ from dsjax.data import build_data, make_tokenizer
 from dsjax.parallel.activations import under_mesh
 from dsjax.parallel.mesh import batch_parallelism, batch_sharding, make_mesh, tree_shardings
 from dsjax.train.balance import bias_update_enabled
-from dsjax.train.dsa_stages import check_stage, model_stage, trainable_mask
+from dsjax.train.dsa_stages import check_stage, dsa_stage, model_stage, trainable_mask
 from dsjax.train.optimizer import learning_rate_schedule, make_optimizer
 from dsjax.train.state import abstract_train_state
 from dsjax.train.step import StepSettings, TrainState, eval_step, train_step
@@ -40,7 +40,7 @@ def _check_train_section(train: ml_collections.ConfigDict, model_cfg: ModelConfi
   if train.batch_size % train.grad_accum_steps:
     raise ValueError(f"train.batch_size={train.batch_size} is not divisible by "
                      f"train.grad_accum_steps={train.grad_accum_steps}; change either.")
-  check_stage(train.get("dsa_stage", "off"), model_cfg)
+  check_stage(dsa_stage(train), model_cfg)
 
 
 def resolve_batch_size(train: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -70,13 +70,14 @@ def _check_batch_fits_mesh(train, mesh: Mesh) -> None:
 
 def step_settings(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig) -> StepSettings:
   t = cfg.train
+  stage = dsa_stage(t)
   return StepSettings(
       grad_accum_steps=int(t.grad_accum_steps), mtp_weight=float(t.mtp_weight),
       balance_alpha=float(t.balance_alpha) if model_cfg.moe is not None else 0.0,
       z_loss=float(t.z_loss),
       bias_update=(bias_update_enabled(t.router_bias_update, model_cfg)
-                   and t.get("dsa_stage", "off") != "dense_warmup"),  # the rest is frozen
-      bias_rate=float(t.router_bias_rate), dsa_stage=model_stage(t.get("dsa_stage", "off")),
+                   and stage != "dense_warmup"),  # the rest is frozen then
+      bias_rate=float(t.router_bias_rate), dsa_stage=model_stage(stage),
       indexer_loss_weight=float(t.get("indexer_loss_weight", 1.0)))
 
 
@@ -129,7 +130,7 @@ def build_steps(cfg: ml_collections.ConfigDict, devices=None) -> Steps:
   schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
   settings = step_settings(cfg, model_cfg)
   _, abstract_params = abstract_train_state(model_cfg, optax.identity(), cfg.seed)
-  trainable = trainable_mask(abstract_params.params, cfg.train.get("dsa_stage", "off"))
+  trainable = trainable_mask(abstract_params.params, dsa_stage(cfg.train))
   optimizer = make_optimizer(cfg.optimizer, cfg.train.steps, abstract_params.params, trainable)
   graphdef, abstract = abstract_train_state(model_cfg, optimizer, cfg.seed)
   shardings = tree_shardings(abstract, mesh)

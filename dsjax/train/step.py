@@ -93,7 +93,7 @@ def _micro_loss(params, router_bias, graphdef, batch: Batch, w: _Weights, s: Ste
     balance, loads["main"] = _routing_terms(out.routing, batch["segment_ids"], moe, s)
     if out.routing.dropped is not None:  # expert parallelism with a capacity factor
       aux["moe_dropped_fraction"] = jnp.mean(out.routing.dropped) / w.micro_batches
-  indexer_kl = list(out.attention_losses.get("indexer_kl", ()))
+  indexer_kl = [out.attention_losses["indexer_kl"]] if "indexer_kl" in out.attention_losses else []
   if len(w.mtp):
     mtp_loss = jnp.zeros(())
     outputs = model.mtp_forward(batch["inputs"], out.hidden, batch["positions"],
@@ -102,7 +102,8 @@ def _micro_loss(params, router_bias, graphdef, batch: Batch, w: _Weights, s: Ste
       targets, mask = losses.mtp_targets(batch["targets"], batch["segment_ids"],
                                          batch["loss_mask"], k)
       mtp_loss += losses.cross_entropy(depth.logits, targets, mask).loss_sum / w.mtp[k - 1]
-      indexer_kl += list(depth.attention_losses.get("indexer_kl", ()))
+      if "indexer_kl" in depth.attention_losses:
+        indexer_kl.append(depth.attention_losses["indexer_kl"])
       if depth.routing is not None:  # the module's single MoE layer: load [E], no balance loss
         loads[f"mtp{k - 1}"] = losses.expert_load(
             depth.routing.expert_ids, moe.n_routed_experts,
@@ -112,7 +113,7 @@ def _micro_loss(params, router_bias, graphdef, batch: Batch, w: _Weights, s: Ste
   aux["balance_loss"] = balance / w.micro_batches
   total += s.balance_alpha * aux["balance_loss"]
   if indexer_kl:  # mean over the DSA layers, MTP modules' included
-    aux["indexer_kl"] = jnp.mean(jnp.stack(indexer_kl)) / w.micro_batches
+    aux["indexer_kl"] = jnp.mean(jnp.concatenate(indexer_kl)) / w.micro_batches
     # the warm-up trains the indexers alone; the LM terms stay as metrics
     total = (aux["indexer_kl"] if s.dsa_stage == "dense_warmup"
              else total + s.indexer_loss_weight * aux["indexer_kl"])
