@@ -9,7 +9,8 @@ import importlib
 _EXPORTS = {
     "load_hf_checkpoint": "dsjax.checkpoint", "save_hf_checkpoint": "dsjax.checkpoint",
     "MLAConfig": "dsjax.config", "ModelConfig": "dsjax.config", "MoEConfig": "dsjax.config",
-    "NSAConfig": "dsjax.config", "RopeConfig": "dsjax.config",
+    "NSAConfig": "dsjax.config",
+    "HyperConnectionsConfig": "dsjax.config", "RopeConfig": "dsjax.config",
     "load_config": "dsjax.experiment", "load_experiment": "dsjax.experiment",
     "Generator": "dsjax.infer", "generate": "dsjax.infer",
     "ModelOutput": "dsjax.model", "Transformer": "dsjax.model",

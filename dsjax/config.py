@@ -208,6 +208,37 @@ class DSAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HyperConnectionsConfig:
+  """Manifold-constrained hyper-connections (mHC, DeepSeek-V4): the residual is `hc_mult`
+  streams mixed around every sublayer by doubly-stochastic matrices (dsjax.ops.
+  hyper_connections). Defaults are DeepSeek-V4's.
+
+  Attributes:
+    hc_mult: streams (n); 1 keeps one stream with learned gates.
+    sinkhorn_iters: Sinkhorn rounds projecting each mixing matrix (the first is a column
+      normalisation only).
+    eps: added to the input gates, the softmaxed mixing matrix and every Sinkhorn sum
+      (0 is allowed: the gates then reach 1 exactly and n = 1 can be the plain residual).
+    init_scale: initial value of each sublayer's three gate scales (pre, post, comb), which
+      multiply the stream-dependent part of the gates. Small values start training from the
+      static bases (the hyper-connection papers' choice): 0.01 trains configs/tiny_mhc.py to
+      the plain residual's loss, 1.0 (transformers' initialiser) 0.2 nats above it
+      (docs/v4.md). Checkpoints carry their own scales.
+  """
+
+  hc_mult: int = 4
+  sinkhorn_iters: int = 20
+  eps: float = 1e-6
+  init_scale: float = 0.01
+
+  def __post_init__(self):
+    _check(self.hc_mult >= 1, f"mhc.hc_mult={self.hc_mult} must be >= 1 (DeepSeek-V4: 4).")
+    _check(self.sinkhorn_iters >= 1,
+           f"mhc.sinkhorn_iters={self.sinkhorn_iters} must be >= 1 (DeepSeek-V4: 20).")
+    _check(self.eps >= 0, f"mhc.eps={self.eps} must be >= 0 (DeepSeek-V4: 1e-6).")
+
+
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
   """DeepSeekMoE: shared experts plus fine-grained routed experts.
 
@@ -321,6 +352,8 @@ class ModelConfig:
     dsa: the DSA indexer (attention="dsa", DeepSeek-V3.2: MLA over the indexer's top-k
       tokens); defaults to DSAConfig() then.
     rope: rotary embedding.
+    mhc: the residual: None for the plain pre-norm residual of V2/V3, or mHC's streams
+      (DeepSeek-V4; any model may use them).
     moe: routed experts; None makes every layer dense.
     num_mtp_layers: multi-token-prediction modules (DeepSeek-V3 has 1).
     max_position_embeddings: longest sequence the model accepts.
@@ -347,6 +380,7 @@ class ModelConfig:
   nsa: NSAConfig | None = None
   dsa: DSAConfig | None = None
   rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
+  mhc: HyperConnectionsConfig | None = None
   moe: MoEConfig | None = dataclasses.field(default_factory=MoEConfig)
   num_mtp_layers: int = 0
   max_position_embeddings: int = 4096
@@ -378,9 +412,9 @@ class ModelConfig:
     if self.attention == "dsa" and self.dsa is None:
       object.__setattr__(self, "dsa", DSAConfig())
     for name, cls in (("mla", MLAConfig), ("rope", RopeConfig), ("moe", MoEConfig),
-                      ("nsa", NSAConfig), ("dsa", DSAConfig)):
+                      ("nsa", NSAConfig), ("dsa", DSAConfig), ("mhc", HyperConnectionsConfig)):
       value = getattr(self, name)
-      _check(isinstance(value, cls) or (name in ("moe", "nsa", "dsa") and value is None),
+      _check(isinstance(value, cls) or (name in ("moe", "nsa", "dsa", "mhc") and value is None),
              f"{name}={value!r} must be a {cls.__name__}; build nested dicts with "
              "ModelConfig.from_dict.")
     if self.attention == "nsa":
@@ -473,7 +507,7 @@ class ModelConfig:
 
 
 SUB_CONFIGS = {"mla": MLAConfig, "rope": RopeConfig, "moe": MoEConfig, "nsa": NSAConfig,
-               "dsa": DSAConfig}
+               "dsa": DSAConfig, "mhc": HyperConnectionsConfig}
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

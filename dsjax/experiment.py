@@ -64,8 +64,9 @@ def _model_fields(model: dict[str, Any]) -> dict[str, Any]:
           if f.name not in SUB_CONFIGS}
   full.update({k: v for k, v in model.items() if k not in SUB_CONFIGS})
   for key, cls in SUB_CONFIGS.items():
-    # moe None: a dense model; nsa / dsa None: their defaults when attention selects them.
-    given = model.get(key, None if key in ("moe", "nsa", "dsa") else {})
+    # moe None: a dense model; nsa / dsa None: their defaults when attention selects them;
+    # mhc None: the plain residual.
+    given = model.get(key, None if key in ("moe", "nsa", "dsa", "mhc") else {})
     full[key] = None if given is None else {**dataclasses.asdict(cls()), **given}
   return full
 

@@ -33,6 +33,10 @@ _DTYPES: dict[str, np.dtype] = {
   "BF16": np.dtype(ml_dtypes.bfloat16),
   "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
   "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+  # Power-of-two block scales (DeepSeek-V4's `.scale` tensors); safetensors' tag for torch's
+  # float8_e8m0fnu. Its "F4" tag (float4_e2m1fn_x2) counts 4-bit elements in `shape`, which the
+  # one-byte-per-element size check here cannot express; DeepSeek-V4 stores FP4 as I8 anyway.
+  "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
   "I64": np.dtype(np.int64),
   "I32": np.dtype(np.int32),
   "I16": np.dtype(np.int16),

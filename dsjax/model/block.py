@@ -9,7 +9,7 @@ from flax import nnx
 from dsjax.config import LayerSpec, ModelConfig
 from dsjax.model.kinds import TokenContext, attention_kind, ffn_kind
 from dsjax.model.norm import RMSNorm
-from dsjax.model.residual import PlainResidual
+from dsjax.model.residual import sublayer_residual
 
 
 class ModelContext(NamedTuple):
@@ -28,51 +28,59 @@ class LayerAux(NamedTuple):
 
 
 class Block(nnx.Module):
-  """x -> x + attn(attn_norm(x)) -> x + ffn(ffn_norm(x)), through the residual stream."""
+  """x -> x + attn(attn_norm(x)) -> x + ffn(ffn_norm(x)), each sublayer through its own
+  connection to the residual stream (dsjax.model.residual: plain, or mHC's streams)."""
 
   def __init__(self, cfg: ModelConfig, spec: LayerSpec, *, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", cfg.param_dtype)
     self.attn = attention_kind(spec.attention).create(cfg, rngs=rngs)
     self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", cfg.param_dtype)
     self.ffn = ffn_kind(spec.ffn).create(cfg, rngs=rngs)
-    self.residual = PlainResidual()
+    self.attn_residual = sublayer_residual(cfg, rngs=rngs)
+    self.ffn_residual = sublayer_residual(cfg, rngs=rngs)
     self.attention_name = spec.attention
 
   def __call__(self, x, ctx: ModelContext, options) -> tuple[jax.Array, LayerAux]:
     """(x, the layer's LayerAux)."""
-    h, losses = self.attn.attend_with_loss(self._attn_input(x), self._attn_ctx(ctx), options)
-    x, routing = self._ffn(self.residual.write(x, h), ctx, options)
+    inputs, carry = self._attn_input(x)
+    h, losses = self.attn.attend_with_loss(inputs, self._attn_ctx(ctx), options)
+    x, routing = self._ffn(self.attn_residual.write(x, h, carry), ctx, options)
     return x, LayerAux(routing, losses)
 
   def prefill(self, x, ctx: ModelContext, options, lengths=None, slots: int | None = None):
     """(x, LayerAux (routing only), the layer's decode cache with `slots` slots for rows of
     `lengths`)."""
-    h, cache = self.attn.attend_prefill(self._attn_input(x), self._attn_ctx(ctx), options,
-                                        lengths, slots)
-    x, routing = self._ffn(self.residual.write(x, h), ctx, options)
+    inputs, carry = self._attn_input(x)
+    h, cache = self.attn.attend_prefill(inputs, self._attn_ctx(ctx), options, lengths, slots)
+    x, routing = self._ffn(self.attn_residual.write(x, h, carry), ctx, options)
     return x, LayerAux(routing), cache
 
   def decode(self, x, ctx: ModelContext, cache, options):
     """(x, the layer's cache update): reads `cache`, the caller writes the update."""
-    h, update = self.attn.attend_decode(self._attn_input(x), self._attn_ctx(ctx), cache,
+    inputs, carry = self._attn_input(x)
+    h, update = self.attn.attend_decode(inputs, self._attn_ctx(ctx), cache,
                                         ctx.tokens.positions, options)
-    return self._ffn(self.residual.write(x, h), ctx, options)[0], update
+    return self._ffn(self.attn_residual.write(x, h, carry), ctx, options)[0], update
 
   def decode_in_place(self, x, ctx: ModelContext, cache, options):
     """(x, the layer's cache after the step, the new tokens written before attention)."""
-    h, cache = self.attn.attend_decode_in_place(self._attn_input(x), self._attn_ctx(ctx),
-                                                cache, ctx.tokens.positions, options)
-    return self._ffn(self.residual.write(x, h), ctx, options)[0], cache
+    inputs, carry = self._attn_input(x)
+    h, cache = self.attn.attend_decode_in_place(inputs, self._attn_ctx(ctx), cache,
+                                                ctx.tokens.positions, options)
+    return self._ffn(self.attn_residual.write(x, h, carry), ctx, options)[0], cache
 
   def _attn_input(self, x):
-    return self.attn_norm(self.residual.read(x))
+    """(attn_norm of the attention's read of the stream, the carry its write needs)."""
+    inputs, carry = self.attn_residual.read(x)
+    return self.attn_norm(inputs), carry
 
   def _attn_ctx(self, ctx: ModelContext):
     return ctx.attention[self.attention_name]
 
   def _ffn(self, x, ctx: ModelContext, options):
-    h, aux = self.ffn.feed_forward(self.ffn_norm(self.residual.read(x)), ctx.tokens, options)
-    return self.residual.write(x, h), aux
+    inputs, carry = self.ffn_residual.read(x)
+    h, aux = self.ffn.feed_forward(self.ffn_norm(inputs), ctx.tokens, options)
+    return self.ffn_residual.write(x, h, carry), aux
 
 
 class LayerGroup(nnx.Module):

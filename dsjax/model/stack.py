@@ -12,7 +12,7 @@ from dsjax.model.block import Block, LayerGroup, write_caches
 from dsjax.model.latent_cache import LatentCache
 from dsjax.model.param import AXES
 from dsjax.model.pattern import LayerRun
-from dsjax.parallel.activations import TOKENS, constrain
+from dsjax.model.residual import constrain_stream
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -168,8 +168,8 @@ class LayerStack(nnx.Module):
     inner = body
 
     def body(h, layer):  # the residual stream keeps its batch split across layers
-      h, out = inner(constrain(h, TOKENS), layer)
-      return constrain(h, TOKENS), out
+      h, out = inner(constrain_stream(h), layer)
+      return constrain_stream(h), out
 
     if (self.scan if scan is None else scan) and not unstacked:
       return jax.lax.scan(body, x, layers)

@@ -15,7 +15,7 @@ from dsjax.model.norm import RMSNorm
 from dsjax.model.options import RunOptions, run_options
 from dsjax.model.param import normal_param
 from dsjax.model.pattern import layer_runs
-from dsjax.model.residual import PlainResidual
+from dsjax.model.residual import model_residual
 from dsjax.model.stack import LayerStack
 from dsjax.ops.routing import Routing
 from dsjax.ops.linear import project
@@ -98,7 +98,7 @@ class Transformer(nnx.Module):
     d, std, pdt = cfg.hidden_size, cfg.initializer_range, cfg.param_dtype
     self.config = cfg
     self.embed = normal_param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), std, pdt)
-    self.residual = PlainResidual()
+    self.residual = model_residual(cfg, rngs=rngs)
     runs = layer_runs(cfg)
     for run in runs:  # attributes named by the stacks: dense_layers, moe_layers, ...
       setattr(self, run.name, LayerStack(cfg, run, rngs=rngs))

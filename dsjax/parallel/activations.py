@@ -22,6 +22,7 @@ ACTIVATION_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"), ("mlp", "tensor"),
 )
 TOKENS = ("batch", "length", "embed")    # the residual stream [B,T,D]
+STREAMS = ("batch", "length", None, "embed")  # mHC's n residual streams [B,T,n,D]
 LOGITS = ("batch", "length", "vocab")    # [B,T,V]
 
 
