@@ -18,6 +18,10 @@ _DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "dense", "blocked", "ragged", "pallas", "ep")
 ATTENTION_IMPLS = ("auto", "dense", "blocked", "pallas", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+# Feed-forward kinds with routed experts (ModelConfig.moe's).
+ROUTED_FFNS = ("moe", "hash_moe")
+# ModelConfig.attention: every layer's kind when layer_pattern is empty, and the MTP block's.
+MODEL_ATTENTIONS = ("mla", "nsa", "dsa", "v4_sliding", "v4_csa", "v4_hca")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -208,6 +212,58 @@ class DSAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class V4AttentionConfig:
+  """DeepSeek-V4's attention (the kinds v4_sliding, v4_csa, v4_hca of dsjax.model.
+  v4_attention): queries through a q latent, ONE key-value head of head_dim (K = V) over the
+  last sliding_window tokens plus compressed entries of earlier windows, a learned sink logit
+  per head, and a grouped output projection. Defaults are DeepSeek-V4-Flash's.
+
+  Attributes:
+    head_dim: the query heads' and the single K = V head's dims.
+    qk_rope_head_dim: trailing rotary dims of each head (interleaved pairs).
+    q_lora_rank: the query latent (wq_a -> q_norm -> wq_b).
+    o_groups / o_lora_rank: heads split in o_groups groups, each projected to o_lora_rank
+      (wo_a, block-diagonal), then wo_b to hidden.
+    sliding_window: keys each query sees uncompressed, itself included.
+    csa_rate: tokens per compressed entry in CSA layers (windows of 2 * csa_rate, stride
+      csa_rate); hca_rate: tokens per entry in HCA layers (non-overlapping).
+    compress_rope: the rotary embedding of CSA / HCA layers and their compressed entries and
+      indexer (sliding layers use ModelConfig.rope); V4: theta 160000 (YaRN factor 16 in the
+      released checkpoints, without a magnitude factor: mscale = mscale_all_dim).
+    index_n_heads / index_head_dim / index_topk: CSA's lightning indexer over its own
+      compressed keys of index_head_dim: each query attends to its index_topk best entries.
+  """
+
+  head_dim: int = 512
+  qk_rope_head_dim: int = 64
+  q_lora_rank: int = 1024
+  o_groups: int = 8
+  o_lora_rank: int = 1024
+  sliding_window: int = 128
+  csa_rate: int = 4
+  hca_rate: int = 128
+  compress_rope: RopeConfig = dataclasses.field(
+      default_factory=lambda: RopeConfig(theta=160000.0))
+  index_n_heads: int = 64
+  index_head_dim: int = 128
+  index_topk: int = 512
+
+  def __post_init__(self):
+    if isinstance(self.compress_rope, dict):
+      object.__setattr__(self, "compress_rope", RopeConfig(**self.compress_rope))
+    for name in ("head_dim", "qk_rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank",
+                 "sliding_window", "csa_rate", "hca_rate", "index_n_heads", "index_head_dim",
+                 "index_topk"):
+      _check(getattr(self, name) > 0, f"v4.{name}={getattr(self, name)} must be > 0.")
+    _check(self.qk_rope_head_dim % 2 == 0 and self.qk_rope_head_dim <= self.head_dim,
+           f"v4.qk_rope_head_dim={self.qk_rope_head_dim} must be even and <= v4.head_dim="
+           f"{self.head_dim} (DeepSeek-V4: 64 of 512).")
+    _check(self.qk_rope_head_dim <= self.index_head_dim,
+           f"v4.qk_rope_head_dim={self.qk_rope_head_dim} exceeds v4.index_head_dim="
+           f"{self.index_head_dim}; the indexer rotates the same trailing dims.")
+
+
+@dataclasses.dataclass(frozen=True)
 class HyperConnectionsConfig:
   """Manifold-constrained hyper-connections (mHC, DeepSeek-V4): the residual is `hc_mult`
   streams mixed around every sublayer by doubly-stochastic matrices (dsjax.ops.
@@ -250,7 +306,8 @@ class MoEConfig:
     moe_intermediate_size: F of each expert's SwiGLU.
     n_group: expert groups for group-limited routing (1 = no grouping).
     topk_group: groups a token may route into.
-    scoring_func: "sigmoid" (V3) or "softmax" (V2) router scores.
+    scoring_func: "sigmoid" (V3), "softmax" (V2) or "sqrtsoftplus" (V4: sqrt(softplus(logit)))
+      router scores.
     topk_method: "greedy" (plain top-k), "group_limited_greedy" (V2: group score = max) or
       "noaux_tc" (V3: group score = sum of top-2 biased scores; bias for selection only).
     norm_topk_prob: renormalise the K chosen weights to sum to 1.
@@ -271,6 +328,8 @@ class MoEConfig:
     capacity_factor: expert parallelism only: 0 (dropless, the default) or the rows a device
       receives per layer, as a multiple of its tokens x K; rows past that are dropped (the
       train metrics report moe_dropped_fraction).
+    swiglu_limit: 0 (no clamp) or the clamp of every routed and shared expert's SwiGLU
+      (DeepSeek-V4: 10): silu(min(gate, limit)) * clip(up, -limit, limit).
   """
 
   n_routed_experts: int = 64
@@ -279,7 +338,7 @@ class MoEConfig:
   moe_intermediate_size: int = 1408
   n_group: int = 1
   topk_group: int = 1
-  scoring_func: Literal["sigmoid", "softmax"] = "softmax"
+  scoring_func: Literal["sigmoid", "softmax", "sqrtsoftplus"] = "softmax"
   topk_method: TopkMethod = "greedy"
   norm_topk_prob: bool = False
   routed_scaling_factor: float = 1.0
@@ -287,11 +346,16 @@ class MoEConfig:
   moe_layer_freq: int = 1
   impl: Literal["auto", "dense", "blocked", "ragged", "pallas", "ep"] = "auto"
   capacity_factor: float = 0.0
+  swiglu_limit: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "topk_method", _TOPK_ALIASES.get(self.topk_method, self.topk_method))
-    _check(self.scoring_func in ("sigmoid", "softmax"),
-           f"moe.scoring_func={self.scoring_func!r}; use 'sigmoid' or 'softmax'.")
+    _check(self.scoring_func in ("sigmoid", "softmax", "sqrtsoftplus"),
+           f"moe.scoring_func={self.scoring_func!r}; use 'sigmoid', 'softmax' or "
+           "'sqrtsoftplus'.")
+    _check(self.swiglu_limit >= 0,
+           f"moe.swiglu_limit={self.swiglu_limit}; use 0 (no clamp) or a positive limit "
+           "(DeepSeek-V4: 10).")
     _check(self.topk_method in ("greedy", "group_limited_greedy", "noaux_tc"),
            f"moe.topk_method={self.topk_method!r}; use 'greedy', 'group_limited_greedy' or "
            "'noaux_tc'.")
@@ -354,6 +418,8 @@ class ModelConfig:
     rope: rotary embedding.
     mhc: the residual: None for the plain pre-norm residual of V2/V3, or mHC's streams
       (DeepSeek-V4; any model may use them).
+    v4: DeepSeek-V4's attention dims, read by the v4_* attention kinds (their defaults when
+      None).
     moe: routed experts; None makes every layer dense.
     num_mtp_layers: multi-token-prediction modules (DeepSeek-V3 has 1).
     max_position_embeddings: longest sequence the model accepts.
@@ -375,12 +441,13 @@ class ModelConfig:
   num_hidden_layers: int = 27
   num_attention_heads: int = 16
   intermediate_size: int = 10944
-  attention: Literal["mla", "nsa"] = "mla"
+  attention: str = "mla"
   mla: MLAConfig = dataclasses.field(default_factory=MLAConfig)
   nsa: NSAConfig | None = None
   dsa: DSAConfig | None = None
   rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
   mhc: HyperConnectionsConfig | None = None
+  v4: V4AttentionConfig | None = None
   moe: MoEConfig | None = dataclasses.field(default_factory=MoEConfig)
   num_mtp_layers: int = 0
   max_position_embeddings: int = 4096
@@ -405,16 +472,19 @@ class ModelConfig:
            f"dtype={self.dtype!r}, param_dtype={self.param_dtype!r}; use one of {_DTYPES}.")
     _check(self.remat_policy in REMAT_POLICIES,
            f"remat_policy={self.remat_policy!r}; use one of {REMAT_POLICIES}.")
-    _check(self.attention in ("mla", "nsa", "dsa"),
-           f"attention={self.attention!r}; use 'mla', 'nsa' or 'dsa'.")
+    _check(self.attention in MODEL_ATTENTIONS,
+           f"attention={self.attention!r}; use one of {MODEL_ATTENTIONS} (or name other "
+           "registered kinds per layer in layer_pattern).")
     if self.attention == "nsa" and self.nsa is None:
       object.__setattr__(self, "nsa", NSAConfig())
     if self.attention == "dsa" and self.dsa is None:
       object.__setattr__(self, "dsa", DSAConfig())
     for name, cls in (("mla", MLAConfig), ("rope", RopeConfig), ("moe", MoEConfig),
-                      ("nsa", NSAConfig), ("dsa", DSAConfig), ("mhc", HyperConnectionsConfig)):
+                      ("nsa", NSAConfig), ("dsa", DSAConfig), ("mhc", HyperConnectionsConfig),
+                      ("v4", V4AttentionConfig)):
       value = getattr(self, name)
-      _check(isinstance(value, cls) or (name in ("moe", "nsa", "dsa", "mhc") and value is None),
+      _check(isinstance(value, cls) or (name in ("moe", "nsa", "dsa", "mhc", "v4")
+                                        and value is None),
              f"{name}={value!r} must be a {cls.__name__}; build nested dicts with "
              "ModelConfig.from_dict.")
     if self.attention == "nsa":
@@ -436,8 +506,9 @@ class ModelConfig:
       _check(len(pattern) == self.num_hidden_layers,
              f"layer_pattern has {len(pattern)} layers but num_hidden_layers="
              f"{self.num_hidden_layers}; give one LayerSpec per layer.")
-      _check(self.moe is not None or all(s.ffn != "moe" for s in pattern),
-             "layer_pattern has 'moe' layers but moe=None; add a moe config or use 'dense'.")
+      _check(self.moe is not None or all(s.ffn not in ROUTED_FFNS for s in pattern),
+             "layer_pattern has 'moe' / 'hash_moe' layers but moe=None; add a moe config or "
+             "use 'dense'.")
     if self.rope.type == "yarn":
       _check(self.rope.original_max_position_embeddings <= self.max_position_embeddings,
              f"rope.original_max_position_embeddings={self.rope.original_max_position_embeddings}"
@@ -464,7 +535,7 @@ class ModelConfig:
 
   @property
   def num_dense_layers(self) -> int:
-    return sum(s.ffn != "moe" for s in self.layer_specs)
+    return sum(s.ffn not in ROUTED_FFNS for s in self.layer_specs)
 
   @property
   def num_moe_layers(self) -> int:
@@ -507,7 +578,7 @@ class ModelConfig:
 
 
 SUB_CONFIGS = {"mla": MLAConfig, "rope": RopeConfig, "moe": MoEConfig, "nsa": NSAConfig,
-               "dsa": DSAConfig, "mhc": HyperConnectionsConfig}
+               "dsa": DSAConfig, "mhc": HyperConnectionsConfig, "v4": V4AttentionConfig}
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

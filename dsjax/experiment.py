@@ -32,7 +32,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         mtp_weight=0.3,          # lambda of the MTP loss (DeepSeek-V3: 0.3, later 0.1)
         balance_alpha=1e-4,      # sequence-wise balance loss weight (DeepSeek-V3: 1e-4)
         z_loss=0.0,              # weight of mean(logsumexp(logits)^2); 0 disables
-        router_bias_update="auto",  # aux-loss-free balancing: auto (= on for sigmoid), on, off
+        router_bias_update="auto",  # aux-loss-free balancing: auto (= on for sigmoid and
+                                    # sqrtsoftplus routers), on, off
         router_bias_rate=1e-3,   # gamma of bias += gamma * sign(mean_load - load)
         dsa_stage="off",         # DSA models: off, dense_warmup or sparse (DeepSeek-V3.2)
         indexer_loss_weight=1.0,  # weight of the DSA indexers' KL loss in the sparse stage
@@ -65,8 +66,8 @@ def _model_fields(model: dict[str, Any]) -> dict[str, Any]:
   full.update({k: v for k, v in model.items() if k not in SUB_CONFIGS})
   for key, cls in SUB_CONFIGS.items():
     # moe None: a dense model; nsa / dsa None: their defaults when attention selects them;
-    # mhc None: the plain residual.
-    given = model.get(key, None if key in ("moe", "nsa", "dsa", "mhc") else {})
+    # mhc None: the plain residual; v4 None: its defaults when a v4_* kind selects it.
+    given = model.get(key, None if key in ("moe", "nsa", "dsa", "mhc", "v4") else {})
     full[key] = None if given is None else {**dataclasses.asdict(cls()), **given}
   return full
 

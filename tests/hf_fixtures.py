@@ -212,3 +212,19 @@ def rewrite_tensor(path, name: str, tensor: torch.Tensor | None) -> None:
         index.write_text(json.dumps(meta))
       return
   raise KeyError(f"{name} is in no safetensors file under {path}")
+
+
+def tiny_v4_config(layer_types, mlp_layer_types, **changes):
+  """A tiny transformers DeepseekV4Config (eager attention): hidden 32, 4 heads of 16 dims (8
+  rotary), window 5, CSA every 2 tokens (indexer 8 x 8, top 3), HCA every 4."""
+  from transformers.models.deepseek_v4 import modeling_deepseek_v4 as ref
+  fields = dict(
+      vocab_size=64, hidden_size=32, num_hidden_layers=len(layer_types), num_attention_heads=4,
+      head_dim=16, qk_rope_head_dim=8, q_lora_rank=12, o_groups=2, o_lora_rank=6,
+      sliding_window=5,
+      compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+      index_n_heads=8, index_head_dim=8, index_topk=3, layer_types=list(layer_types),
+      mlp_layer_types=list(mlp_layer_types), rms_norm_eps=1e-6, num_nextn_predict_layers=0)
+  config = ref.DeepseekV4Config(**{**fields, **changes})
+  config._attn_implementation = "eager"
+  return config

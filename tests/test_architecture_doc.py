@@ -19,7 +19,7 @@ def _table_names(heading: str) -> list[str]:
   """First-column `names` of the table that follows `heading` (up to the next heading)."""
   section = DOC.split(heading, 1)[1]
   section = re.split(r"\n#+ ", section, maxsplit=1)[0]
-  return re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.M)
+  return re.findall(r"^\| `([a-z0-9_]+)` \|", section, flags=re.M)
 
 
 def _builtin(registry: dict) -> set[str]:

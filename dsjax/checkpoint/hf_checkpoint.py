@@ -22,8 +22,10 @@ import numpy as np
 from flax import nnx
 
 from dsjax.checkpoint import hf_config
-from dsjax.checkpoint.hf_names import (VEC, Entry, checkpoint_entries, hf_shape,
+from dsjax.checkpoint.hf_names import (GROUPED, VEC, Entry, checkpoint_entries, hf_shape,
                                        mtp_copy_names)
+from dsjax.checkpoint.quant_formats import (dequantize_fp4_blockwise,
+                                            dequantize_fp8_e8m0_blockwise)
 from dsjax.checkpoint.safetensors_io import (SafetensorsReader, dequantize_fp8_blockwise,
                                              write_sharded)
 from dsjax.config import ModelConfig
@@ -52,15 +54,27 @@ def _fp8_block_size(hf: dict[str, Any]) -> tuple[int, int]:
 
 def _read_tensor(reader: SafetensorsReader, name: str, block: tuple[int, int],
                  dtype: np.dtype) -> np.ndarray:
-  """One checkpoint tensor as `dtype`, dequantised when stored as FP8 with a scale."""
+  """One checkpoint tensor as `dtype`, dequantised when stored as FP8 with a scale
+  (`<name>_scale_inv`, DeepSeek-V3; `<prefix>.scale` in e8m0 or float32, DeepSeek-V4) or, for
+  DeepSeek-V4's routed experts, as packed FP4 (int8 with a `.scale` per 1x32 block)."""
   array = reader.get(name)
+  v4_scale = name.removesuffix(".weight") + ".scale"
   if array.dtype in _FP8:
-    scale_name = name + "_scale_inv"
-    if scale_name not in reader:
-      raise ValueError(f"{name} is stored as {array.dtype} but {scale_name} is missing; the "
-                       "checkpoint is incomplete.")
-    return dequantize_fp8_blockwise(array, reader.get(scale_name), block, out_dtype=dtype)
+    if name + "_scale_inv" in reader:
+      return dequantize_fp8_blockwise(array, reader.get(name + "_scale_inv"), block,
+                                      out_dtype=dtype)
+    if v4_scale in reader:
+      return dequantize_fp8_e8m0_blockwise(array, reader.get(v4_scale), block, out_dtype=dtype)
+    raise ValueError(f"{name} is stored as {array.dtype} but neither {name}_scale_inv nor "
+                     f"{v4_scale} is present; the checkpoint is incomplete.")
+  if array.dtype == np.int8 and np.issubdtype(dtype, np.floating) and v4_scale in reader:
+    return dequantize_fp4_blockwise(array, reader.get(v4_scale), out_dtype=dtype)
   return array.astype(dtype, copy=False)
+
+
+def _present_name(reader: SafetensorsReader, entry: Entry) -> str | None:
+  """The name `entry`'s tensor has in the files (its own or an alias), or None."""
+  return next((n for n in (entry.hf_name, *entry.aliases) if n in reader), None)
 
 
 def _to_dsjax(array: np.ndarray, entry: Entry, our_shape: tuple[int, ...]) -> np.ndarray:
@@ -69,12 +83,17 @@ def _to_dsjax(array: np.ndarray, entry: Entry, our_shape: tuple[int, ...]) -> np
     raise ValueError(f"Shape mismatch for {entry.hf_name}: the checkpoint has "
                      f"{tuple(array.shape)}, the model config expects {expected}. Check that "
                      "config.json belongs to these weights.")
+  if entry.layout == GROUPED:
+    groups, n_in, n_out = our_shape
+    return array.reshape(groups, n_out, n_in).transpose(0, 2, 1)
   return array if entry.layout == VEC else array.T.reshape(our_shape)
 
 
 def _from_dsjax(array: np.ndarray, entry: Entry) -> np.ndarray:
   if entry.layout == VEC:
     return array
+  if entry.layout == GROUPED:
+    return np.ascontiguousarray(array.transpose(0, 2, 1).reshape(-1, array.shape[1]))
   n_out, n_in = hf_shape(array.shape, entry.layout)
   return np.ascontiguousarray(array.reshape(n_in, n_out).T)
 
@@ -104,16 +123,17 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32,
     buffers = {p: np.zeros(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()}
     used = set()
     for entry in checkpoint_entries(cfg, set(flat)):
-      if entry.optional and entry.hf_name not in reader:
+      name = _present_name(reader, entry)
+      if entry.optional and name is None:
         continue
-      if entry.hf_name not in reader:
+      if name is None:
         raise ValueError(f"Tensor {entry.hf_name} is missing from {path}; the checkpoint does not "
                          "match its config.json.")
       target = buffers[entry.path]
       our_shape = target.shape[len(entry.index):]
-      target[entry.index] = _to_dsjax(_read_tensor(reader, entry.hf_name, block, target.dtype),
+      target[entry.index] = _to_dsjax(_read_tensor(reader, name, block, target.dtype),
                                       entry, our_shape)
-      used.add(entry.hf_name)
+      used.add(name)
     _warn_unused(reader.keys(), used, cfg)
   for p, variable in flat.items():
     variable.set_value(jnp.asarray(buffers.pop(p)))
@@ -137,7 +157,7 @@ def _present_mtp_layers(cfg: ModelConfig, reader: SafetensorsReader) -> ModelCon
 def _warn_unused(names: list[str], used: set[str], cfg: ModelConfig) -> None:
   ignorable = set(mtp_copy_names(cfg))
   unused = [n for n in names if n not in used and n not in ignorable
-            and not n.endswith("_scale_inv") and not n.endswith("rotary_emb.inv_freq")]
+            and not n.endswith(("_scale_inv", ".scale", "rotary_emb.inv_freq"))]
   if unused:
     logging.warning("Ignored %d checkpoint tensors not used by the model, e.g. %s",
                     len(unused), unused[:5])
@@ -158,7 +178,10 @@ def _hf_tensors(model: Transformer, dtype) -> Iterator[tuple[str, np.ndarray]]:
       continue  # transformers' DeepseekV2 has no router correction bias
     layer, rest = (entry.index[0], entry.index[1:]) if entry.index else (None, ())
     array = host_slice(entry.path, layer)[rest]
-    out_dtype = np.float32 if entry.float32_in_file else dtype
+    if np.issubdtype(array.dtype, np.integer):
+      out_dtype = np.int64  # tables (DeepSeek-V4's tid2eid), as torch's long buffers
+    else:
+      out_dtype = np.float32 if entry.float32_in_file else dtype
     yield entry.hf_name, _from_dsjax(array, entry).astype(out_dtype)
   # DeepSeek stores copies of the shared embedding and output head in every MTP layer.
   embed = host_slice(("embed",), None)

@@ -124,8 +124,10 @@ def _deepseek_from_hf(hf: dict[str, Any], v3: bool) -> ModelConfig:
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
-  """deepseek_v32 for DSA models; else deepseek_v3 for sigmoid routers, deepseek_v2 for
-  softmax routers and dense models."""
+  """deepseek_v4 for models with DeepSeek-V4 attention layers; deepseek_v32 for DSA models;
+  else deepseek_v3 for sigmoid routers, deepseek_v2 for softmax routers and dense models."""
+  if any(s.attention.startswith("v4_") for s in cfg.layer_specs):
+    return "deepseek_v4"
   if cfg.attention == "dsa":
     return "deepseek_v32"
   if cfg.moe is not None and cfg.moe.scoring_func == "sigmoid":
@@ -234,3 +236,6 @@ register_converter("deepseek_v32", HFConverter(from_hf=_v32_from_hf, to_hf=_v32_
 register_converter("kimi_k2", HFConverter(
     from_hf=functools.partial(_deepseek_from_hf, v3=True),
     to_hf=functools.partial(_deepseek_to_hf, model_type="deepseek_v3")))
+
+# DeepSeek-V4's converter lives in its own module, which registers itself here.
+from dsjax.checkpoint import hf_config_v4  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -5,6 +5,9 @@ checkpoint tensor name and a layout:
   VEC       same array.
   LIN(n)    a torch Linear weight [out, in]: ours is `hf.T` reshaped, whose first n axes make
             up `in` (wo [N,Hv,D] has n=2; wq_b [Q,N,H] has n=1).
+  GROUPED   a block-diagonal Linear of G groups: ours [G, I, O], the checkpoint's [G*O, I]
+            (DeepSeek-V4's wo_a).
+DeepSeek-V4's table is dsjax.checkpoint.v4_names.
 Routed experts are stored one tensor per expert (`mlp.experts.{e}.*`) in DeepSeek's layout.
 """
 
@@ -14,10 +17,12 @@ import dataclasses
 import math
 from typing import Iterator
 
+from dsjax.checkpoint import hf_config
 from dsjax.config import ModelConfig
 from dsjax.model.pattern import layer_path
 
 VEC = 0
+GROUPED = -1
 
 
 def LIN(n_in: int = 1) -> int:  # noqa: N802 - reads as a layout constant in the table
@@ -82,10 +87,12 @@ class Entry:
   hf_name: str
   layout: int
   optional: bool = False
+  aliases: tuple[str, ...] = ()  # other names the tensor may have in a file
+  keep_float32: bool = False
 
   @property
   def float32_in_file(self) -> bool:
-    return self.hf_name.endswith(FLOAT32_IN_FILE)
+    return self.keep_float32 or self.hf_name.endswith(FLOAT32_IN_FILE)
 
 
 def _block_entries(prefix: str, path: tuple, index: tuple[int, ...], existing: set[tuple],
@@ -104,6 +111,10 @@ def _block_entries(prefix: str, path: tuple, index: tuple[int, ...], existing: s
 def checkpoint_entries(cfg: ModelConfig, existing: set[tuple]) -> Iterator[Entry]:
   """Every checkpoint tensor of a model with config `cfg`; `existing` is the set of dsjax
   parameter paths (so optional parts such as wq vs wq_a/wq_b follow the model)."""
+  if hf_config.hf_model_type(cfg) == "deepseek_v4":
+    from dsjax.checkpoint.v4_names import v4_entries  # pylint: disable=import-outside-toplevel
+    yield from v4_entries(cfg, existing)
+    return
   yield Entry(("embed",), (), "model.embed_tokens.weight", VEC)
   yield Entry(("norm", "weight"), (), "model.norm.weight", VEC)
   if ("head",) in existing:
@@ -122,6 +133,9 @@ def hf_shape(our_shape: tuple[int, ...], layout: int) -> tuple[int, ...]:
   """The checkpoint shape of a dsjax array (one layer / expert slice) under `layout`."""
   if layout == VEC:
     return our_shape
+  if layout == GROUPED:
+    groups, n_in, n_out = our_shape
+    return (groups * n_out, n_in)
   return (math.prod(our_shape[layout:]), math.prod(our_shape[:layout]))
 
 

@@ -94,6 +94,10 @@ class FeedForwardKind(nnx.Module):
   """The interface of a feed-forward kind: x [B,T,D] -> (y [B,T,D], auxiliary output or
   None: routing for routed MoE layers, gathered by the model for balancing)."""
 
+  # True where feed_forward's auxiliary output is a Routing: such layers take rows of the
+  # model's stacked routing (dsjax.model.pattern.routed_rows).
+  routed = False
+
   @classmethod
   def create(cls, cfg, *, rngs: nnx.Rngs) -> "FeedForwardKind":
     raise NotImplementedError
@@ -152,4 +156,4 @@ def ffn_kinds() -> dict[str, type[FeedForwardKind]]:
 
 def _load_builtin_kinds() -> None:
   """The built-in kinds register when their modules are imported."""
-  from dsjax.model import dsa, mla, mlp, moe, nsa  # noqa: F401
+  from dsjax.model import dsa, hash_moe, mla, mlp, moe, nsa, v4_attention  # noqa: F401

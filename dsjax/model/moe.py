@@ -1,4 +1,7 @@
-"""DeepSeekMoE layer: shared experts + routed experts with aux-loss-free bias routing."""
+"""DeepSeekMoE layer: shared experts + routed experts with aux-loss-free bias routing.
+
+The routing step (`route`, and the variables it reads besides the gate, `_init_selection`) is
+what other routed kinds override: dsjax.model.hash_moe chooses the experts by token id."""
 
 import functools
 
@@ -7,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import MOE_IMPLS, ModelConfig, MoEConfig
-from dsjax.model.kinds import FeedForwardKind, register_ffn
+from dsjax.model.kinds import FeedForwardKind, TokenContext, register_ffn
 from dsjax.model.mlp import MLP
 from dsjax.model.param import AXES, RouterBias, normal_param
 from dsjax.ops import moe_dispatch
@@ -53,6 +56,8 @@ def resolve_impl(impl: str, moe: MoEConfig, tokens: int | None = None) -> str:
 class MoE(FeedForwardKind):
   """x [B,T,D] -> ([B,T,D], Routing over the B*T tokens)."""
 
+  routed = True
+
   # Projection weights: (batch axes, input axes), see dsjax.infer.weight_layout. w2 contracts
   # experts and hidden units together: the routing weights scale the hidden units first.
   PROJECTIONS = {"w1": (1, 1), "w3": (1, 1), "w2": (0, 2)}
@@ -62,41 +67,51 @@ class MoE(FeedForwardKind):
     e, f = moe.n_routed_experts, moe.moe_intermediate_size
     std, pdt = cfg.initializer_range, cfg.param_dtype
     self.gate = normal_param(rngs, (d, e), ("embed", "experts"), std, pdt)
-    self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32), **{AXES: ("experts",)})
+    self._init_selection(cfg)
     self.w1 = normal_param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pdt)
     self.w3 = normal_param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pdt)
     self.w2 = normal_param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, pdt)
     self.shared_experts = nnx.data(
-        MLP(d, moe.n_shared_experts * f, std=std, dtype=cfg.dtype, param_dtype=pdt, rngs=rngs)
-        if moe.n_shared_experts else None)
+        MLP(d, moe.n_shared_experts * f, std=std, dtype=cfg.dtype, param_dtype=pdt, rngs=rngs,
+            swiglu_limit=moe.swiglu_limit) if moe.n_shared_experts else None)
     self.moe = moe
     self.dtype = cfg.dtype
+
+  def _init_selection(self, cfg: ModelConfig) -> None:
+    """The variables that choose experts besides the gate: the load-balancing bias [E]."""
+    self.router_bias = RouterBias(jnp.zeros((cfg.moe.n_routed_experts,), jnp.float32),
+                                  **{AXES: ("experts",)})
 
   @classmethod
   def create(cls, cfg: ModelConfig, *, rngs: nnx.Rngs) -> "MoE":
     return cls(cfg, rngs=rngs)
 
   def feed_forward(self, x, tokens, options) -> tuple[jax.Array, Routing]:
-    return self(x, options.moe_impl)
+    return self(x, options.moe_impl, tokens)
 
-  def route(self, x: jax.Array) -> Routing:
-    """Routing of x [M,D]; router logits in float32 as in DeepSeek's reference."""
-    logits = jnp.einsum("MD,DE->ME", x.astype(jnp.float32), self.gate[...].astype(jnp.float32))
-    return route(logits, self.router_bias[...], self.moe)
+  def router_logits(self, x: jax.Array) -> jax.Array:
+    """float32[M,E] router logits of x [M,D] (float32 as in DeepSeek's reference)."""
+    return jnp.einsum("MD,DE->ME", x.astype(jnp.float32), self.gate[...].astype(jnp.float32))
 
-  def __call__(self, x: jax.Array, impl: str | None = None) -> tuple[jax.Array, Routing]:
+  def route(self, x: jax.Array, tokens: TokenContext | None = None) -> Routing:
+    """Routing of x [M,D] (M = B*T tokens of `tokens`, which the top-k routing ignores)."""
+    return route(self.router_logits(x), self.router_bias[...], self.moe)
+
+  def __call__(self, x: jax.Array, impl: str | None = None,
+               tokens: TokenContext | None = None) -> tuple[jax.Array, Routing]:
+    """x [B,T,D] of `tokens` (ids [B,T]; needed by routings that read them)."""
     b, t, d = x.shape
-    tokens = x.reshape(b * t, d)
+    flat = x.reshape(b * t, d)
     # Rows of the flattened tokens keep the batch split: the stacked routing outputs
     # ([L, B*T, E] scores for the balance loss) must not be gathered onto every device.
-    routing = Routing(*(constrain(a, ("batch", None)) for a in self.route(tokens)[:3]))
+    routing = Routing(*(constrain(a, ("batch", None)) for a in self.route(flat, tokens)[:3]))
     w1, w3, w2 = (w[...].astype(self.dtype) for w in (self.w1, self.w3, self.w2))
     impl = resolve_impl(impl or self.moe.impl, self.moe, b * t)
     if impl == "ep":
       y, dropped = expert_parallel.expert_parallel_moe(
-          tokens, routing.expert_ids, routing.expert_weights,
+          flat, routing.expert_ids, routing.expert_weights,
           *(w.in_major() if isinstance(w, OutMajor) else w for w in (w1, w3, w2)),
-          capacity_factor=self.moe.capacity_factor)
+          capacity_factor=self.moe.capacity_factor, swiglu_limit=self.moe.swiglu_limit)
       return self._with_shared(y.reshape(b, t, d).astype(x.dtype), x), routing._replace(
           dropped=dropped)
     if impl not in _DISPATCH:
@@ -107,7 +122,8 @@ class MoE(FeedForwardKind):
         dispatch, (w1, w3, w2) = _DISPATCH_OUT_MAJOR[impl], (w.t for w in (w1, w3, w2))
       else:
         w1, w3, w2 = (w.in_major() for w in (w1, w3, w2))
-    y = dispatch(tokens, routing.expert_ids, routing.expert_weights, w1, w3, w2)
+    y = dispatch(flat, routing.expert_ids, routing.expert_weights, w1, w3, w2,
+                 swiglu_limit=self.moe.swiglu_limit)
     return self._with_shared(y.reshape(b, t, d).astype(x.dtype), x), routing
 
   def _with_shared(self, y: jax.Array, x: jax.Array) -> jax.Array:

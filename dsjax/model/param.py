@@ -1,4 +1,5 @@
-"""Parameter creation with logical axis names, and the router-bias variable type."""
+"""Parameter creation with logical axis names, and the variable types that are model state but
+not parameters: the router bias and frozen tables."""
 
 from typing import Sequence
 
@@ -12,6 +13,17 @@ AXES = "axes"  # metadata key holding a variable's logical axis names
 class RouterBias(nnx.Variable):
   """Aux-loss-free load-balancing bias of a MoE router: used for expert selection only, updated
   outside the optimizer by the sign rule, never differentiated and never weight-decayed."""
+
+
+class FrozenTable(nnx.Variable):
+  """A fixed table of a layer, such as hash routing's token -> experts map: its values come
+  from checkpoints and nothing in training changes them (no gradient, no optimizer state, no
+  weight decay, no bias update)."""
+
+
+# The model's variables outside nnx.Param: stored and restored with the parameters, kept out of
+# gradients and the optimizer (dsjax.train.state.split_model).
+NON_PARAMS = (RouterBias, FrozenTable)
 
 
 def normal_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None],

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from dsjax.config import LayerSpec, ModelConfig
+from dsjax.model.kinds import ffn_kind
 
 MAX_PERIOD = 8
 
@@ -75,13 +76,14 @@ def block_paths(cfg: ModelConfig) -> list[tuple]:
           for slot in range(len(run.period))]
 
 
-def routed_rows(cfg: ModelConfig, ffn: str = "moe") -> dict[tuple, tuple[int, int]]:
-  """For each Block path of `ffn` layers: its (first row, rows) in the model's stacked routing
-  ([L_moe, ...], see Transformer.forward), in block_paths order."""
+def routed_rows(cfg: ModelConfig) -> dict[tuple, tuple[int, int]]:
+  """For each Block path of routed layers (feed-forward kinds whose `routed` is True: "moe",
+  "hash_moe"): its (first row, rows) in the model's stacked routing ([L_moe, ...], see
+  Transformer.forward), in block_paths order."""
   rows, start = {}, 0
   for run in layer_runs(cfg):
     for slot, spec in enumerate(run.period):
-      if spec.ffn == ffn:
+      if ffn_kind(spec.ffn).routed:
         rows[block_paths_of(run, slot)] = (start, run.repeats)
         start += run.repeats
   return rows

@@ -1,6 +1,8 @@
 """Routed-expert computation: three exact (dropless) dispatch implementations.
 
 x [M,D] tokens, expert_ids int32[M,K], weights [M,K], w1/w3 [E,D,F] (gate/up), w2 [E,F,D].
+Every dispatch takes `swiglu_limit` (0: none; DeepSeek-V4's clamp of the experts' gate and
+up pre-activations, dsjax.ops.swiglu).
 The dense and blocked dispatches also take the output-major layout (dsjax.ops.linear.OutMajor)
 that decoding uses on CPU: w1/w3 [E,F,D] (experts kept in front), w2 [D,E,F] (w2 contracts
 experts and hidden units together, so its output axis comes first).
@@ -14,11 +16,8 @@ import jax.numpy as jnp
 
 from dsjax.ops.linear import out_major_product
 from dsjax.ops.platform import target_platform
+from dsjax.ops.swiglu import swiglu
 from pallas_kernels.gmm import gmm
-
-
-def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-  return jax.nn.silu(gate) * up
 
 
 def _combine_matrix(expert_ids, weights, m: int, e: int) -> jax.Array:
@@ -27,7 +26,8 @@ def _combine_matrix(expert_ids, weights, m: int, e: int) -> jax.Array:
       weights.astype(jnp.float32))
 
 
-def experts_dense(x, expert_ids, weights, w1, w3, w2) -> jax.Array:
+def experts_dense(x, expert_ids, weights, w1, w3, w2, *, swiglu_limit: float = 0.0
+                  ) -> jax.Array:
   """Every expert on every token, combined with a [M,E] weight matrix that is zero for
   unchosen experts. E/K times the needed FLOPs, but each expert's weights are read once, in
   place: the tokens are broadcast to [E,M,D] so that every einsum is batched over E with the
@@ -36,12 +36,14 @@ def experts_dense(x, expert_ids, weights, w1, w3, w2) -> jax.Array:
   m, e = x.shape[0], w1.shape[0]
   combine = _combine_matrix(expert_ids, weights, m, e)
   xe = jnp.broadcast_to(x, (e,) + x.shape)
-  h = _swiglu(jnp.einsum("EMD,EDF->EMF", xe, w1), jnp.einsum("EMD,EDF->EMF", xe, w3))
+  h = swiglu(jnp.einsum("EMD,EDF->EMF", xe, w1), jnp.einsum("EMD,EDF->EMF", xe, w3),
+             swiglu_limit)
   y = jnp.einsum("EMF,EFD->EMD", h, w2)
   return jnp.einsum("EMD,ME->MD", y, combine.astype(y.dtype))
 
 
-def experts_dense_out_major(x, expert_ids, weights, w1t, w3t, w2t) -> jax.Array:
+def experts_dense_out_major(x, expert_ids, weights, w1t, w3t, w2t, *,
+                            swiglu_limit: float = 0.0) -> jax.Array:
   """experts_dense with output-major weights w1t/w3t [E,F,D], w2t [D,E,F]: every product has
   the weights as its left operand and the few tokens as its right one, the operand order that
   XLA's CPU dot runs fastest for few rows. The routing weights scale the hidden units before
@@ -51,7 +53,8 @@ def experts_dense_out_major(x, expert_ids, weights, w1t, w3t, w2t) -> jax.Array:
   2.7 ms."""
   m, (e, f, d) = x.shape[0], w1t.shape
   combine = _combine_matrix(expert_ids, weights, m, e)
-  h = _swiglu(jnp.einsum("EFD,MD->EFM", w1t, x), jnp.einsum("EFD,MD->EFM", w3t, x))
+  h = swiglu(jnp.einsum("EFD,MD->EFM", w1t, x), jnp.einsum("EFD,MD->EFM", w3t, x),
+             swiglu_limit)
   h = h * combine.T[:, None, :].astype(h.dtype)
   return out_major_product(w2t.reshape(d, e * f), h.reshape(e * f, m).T).T
 
@@ -81,7 +84,8 @@ def pallas_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Ar
 
 
 def experts_sorted(x, expert_ids, weights, w1, w3, w2,
-                   grouped_matmul: GroupedMatmul = ragged_dot) -> jax.Array:
+                   grouped_matmul: GroupedMatmul = ragged_dot, *,
+                   swiglu_limit: float = 0.0) -> jax.Array:
   """Dropless sort-by-expert dispatch: the M*K (token, expert) rows are sorted by expert, each
   expert multiplies its contiguous rows (`grouped_matmul(lhs[R,D], rhs[E,D,F], sizes[E])`,
   lax.ragged_dot by default, the Pallas gmm kernel on TPU/GPU), and the rows are un-sorted by a
@@ -91,15 +95,17 @@ def experts_sorted(x, expert_ids, weights, w1, w3, w2,
   flat_ids = expert_ids.reshape(-1)
   order = jnp.argsort(flat_ids, stable=True)
   group_sizes = jnp.bincount(flat_ids, length=w1.shape[0]).astype(jnp.int32)
-  y = grouped_ffn(x[order // k], group_sizes, w1, w3, w2, grouped_matmul)
+  y = grouped_ffn(x[order // k], group_sizes, w1, w3, w2, grouped_matmul,
+                  swiglu_limit=swiglu_limit)
   return unsort_and_combine(y, order, weights)
 
 
-def grouped_ffn(rows, group_sizes, w1, w3, w2, grouped_matmul: GroupedMatmul = ragged_dot
-                ) -> jax.Array:
+def grouped_ffn(rows, group_sizes, w1, w3, w2, grouped_matmul: GroupedMatmul = ragged_dot, *,
+                swiglu_limit: float = 0.0) -> jax.Array:
   """The experts' SwiGLU on rows [R,D] sorted by expert, group_sizes int32[E] (rows past
   their sum give zeros) -> [R,D]."""
-  h = _swiglu(grouped_matmul(rows, w1, group_sizes), grouped_matmul(rows, w3, group_sizes))
+  h = swiglu(grouped_matmul(rows, w1, group_sizes), grouped_matmul(rows, w3, group_sizes),
+             swiglu_limit)
   return grouped_matmul(h, w2, group_sizes)
 
 
@@ -129,7 +135,7 @@ def default_block(tokens: int, k: int, experts: int) -> int:
 
 
 def experts_blocked(x, expert_ids, weights, w1, w3, w2, block: int | None = None,
-                    out_major: bool = False) -> jax.Array:
+                    out_major: bool = False, *, swiglu_limit: float = 0.0) -> jax.Array:
   """Dropless block-padded dispatch for CPU: rows sorted by expert, each expert's rows padded to
   whole blocks, every block multiplied by its expert's weights in one batched einsum. FLOPs are
   (M*K + E*block) rows' worth instead of the dense path's M*E, with static shapes.
@@ -144,6 +150,7 @@ def experts_blocked(x, expert_ids, weights, w1, w3, w2, block: int | None = None
     up, down, w2_blocks = "GBD,GFD->GBF", "GBF,DGF->GBD", w2[:, block_expert]
   else:
     up, down, w2_blocks = "GBD,GDF->GBF", "GBF,GFD->GBD", w2[block_expert]
-  h = _swiglu(jnp.einsum(up, rows, w1[block_expert]), jnp.einsum(up, rows, w3[block_expert]))
+  h = swiglu(jnp.einsum(up, rows, w1[block_expert]), jnp.einsum(up, rows, w3[block_expert]),
+             swiglu_limit)
   y = jnp.einsum(down, h, w2_blocks).reshape(capacity, d)
   return unsort_and_combine(y[destination], order, weights)

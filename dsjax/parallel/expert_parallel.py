@@ -127,22 +127,25 @@ def _exchange(kind: str, ep: int, max_send: int):
                            max_send=max_send)
 
 
-def _local_experts(rows, group_sizes, w1, w3, w2, local: str):
-  """The local experts' SwiGLU on rows [R,D] grouped by local expert (group_sizes [El]);
-  rows past sum(group_sizes) give zeros."""
+def _local_experts(rows, group_sizes, w1, w3, w2, local: str, swiglu_limit: float = 0.0):
+  """The local experts' SwiGLU (clamped at swiglu_limit > 0) on rows [R,D] grouped by local
+  expert (group_sizes [El]); rows past sum(group_sizes) give zeros."""
   if local in ("ragged", "pallas"):
     matmul = moe_dispatch.pallas_gmm if local == "pallas" else moe_dispatch.ragged_dot
-    return moe_dispatch.grouped_ffn(rows, group_sizes, w1, w3, w2, matmul)
+    return moe_dispatch.grouped_ffn(rows, group_sizes, w1, w3, w2, matmul,
+                                    swiglu_limit=swiglu_limit)
   r = rows.shape[0]
   ends = jnp.cumsum(group_sizes)
   ids = jnp.minimum(jnp.searchsorted(ends, jnp.arange(r), side="right"), w1.shape[0] - 1)
   valid = (jnp.arange(r) < ends[-1]).astype(jnp.float32)
   dispatch = moe_dispatch.experts_dense if local == "dense" else moe_dispatch.experts_blocked
-  return dispatch(rows, ids[:, None].astype(jnp.int32), valid[:, None], w1, w3, w2)
+  return dispatch(rows, ids[:, None].astype(jnp.int32), valid[:, None], w1, w3, w2,
+                  swiglu_limit=swiglu_limit)
 
 
 def _device_moe(x, expert_ids, weights, w1, w3, w2, *, ep: int, capacity_factor: float,
-                exchange: str, local: str, gather_fsdp: bool, sum_tensor: bool):
+                exchange: str, local: str, gather_fsdp: bool, sum_tensor: bool,
+                swiglu_limit: float = 0.0):
   """One device's share: x [m,D], expert_ids/weights [m,K], its experts' w1/w3 [El,D',F'],
   w2 [El,F',D'] -> (y [m,D], rows sent to this device's experts that it dropped, all rows
   sent to them)."""
@@ -167,7 +170,7 @@ def _device_moe(x, expert_ids, weights, w1, w3, w2, *, ep: int, capacity_factor:
   received = send(rows, _empty_buffer(capacity, rows), p.start[me].reshape(-1),
                   p.allowed[me].reshape(-1), p.offset[me].reshape(-1),
                   p.allowed[:, me].reshape(-1))
-  y = _local_experts(received, p.allowed[:, me].sum(0), w1, w3, w2, local)
+  y = _local_experts(received, p.allowed[:, me].sum(0), w1, w3, w2, local, swiglu_limit)
   back = send(y, _empty_buffer(rows_out, rows), p.offset[:, me].reshape(-1),
               p.allowed[:, me].reshape(-1), p.start[:, me].reshape(-1),
               p.allowed[me].reshape(-1))
@@ -191,7 +194,8 @@ def _weight_specs(mesh, w1, w2):
 
 
 def expert_parallel_moe(x, expert_ids, weights, w1, w3, w2, *, capacity_factor: float = 0.0,
-                        exchange: str = "auto", local: str | None = None, mesh=None):
+                        exchange: str = "auto", local: str | None = None, mesh=None,
+                        swiglu_limit: float = 0.0):
   """The routed experts of tokens x [M,D] with expert_ids / weights [M,K] and w1/w3 [E,D,F],
   w2 [E,F,D], expert-parallel over the context mesh's `expert` axis (see the module
   docstring). Returns (y [M,D], fraction of the (token, expert) rows dropped by the capacity
@@ -199,7 +203,8 @@ def expert_parallel_moe(x, expert_ids, weights, w1, w3, w2, *, capacity_factor: 
 
   exchange: "ragged" (jax.lax.ragged_all_to_all, TPU/GPU), "emulated" (fixed-size
   all_to_all, any backend) or "auto" (ragged on TPU/GPU, emulated on CPU); local: the local
-  experts' dispatch ("ragged", "pallas", "blocked", "dense"; default per platform)."""
+  experts' dispatch ("ragged", "pallas", "blocked", "dense"; default per platform);
+  swiglu_limit: the experts' SwiGLU clamp (0: none, dsjax.ops.swiglu)."""
   mesh = mesh or context_mesh()
   ep = expert_parallelism(mesh, w1.shape[0], x.shape[0])
   if ep == 1:
@@ -216,7 +221,7 @@ def expert_parallel_moe(x, expert_ids, weights, w1, w3, w2, *, capacity_factor: 
   tokens = PartitionSpec(BATCH_AXES, None)
   body = functools.partial(_device_moe, ep=ep, capacity_factor=capacity_factor,
                            exchange=exchange, local=local, gather_fsdp=up[1] is not None,
-                           sum_tensor=up[2] is not None)
+                           sum_tensor=up[2] is not None, swiglu_limit=swiglu_limit)
 
   def device(x, expert_ids, weights, w1, w3, w2):
     y, dropped, routed = body(x, expert_ids, weights, w1, w3, w2)

@@ -13,17 +13,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig
+from dsjax.model.param import RouterBias
 
 
 def bias_update_enabled(setting: str, model_cfg: ModelConfig) -> bool:
-  """`train.router_bias_update`: "auto" is on for sigmoid-scored routers (DeepSeek-V3 style,
-  which have a selection bias), off for softmax (V2) ones; "on" / "off" force it."""
+  """`train.router_bias_update`: "auto" is on for sigmoid- and sqrtsoftplus-scored routers
+  (DeepSeek-V3 and V4 style, which have a selection bias), off for softmax (V2) ones; "on" /
+  "off" force it."""
   if setting not in ("auto", "on", "off"):
     raise ValueError(f"train.router_bias_update={setting!r}; use 'auto', 'on' or 'off'.")
   if model_cfg.moe is None:
     return False
   if setting == "auto":
-    return model_cfg.moe.scoring_func == "sigmoid"
+    return model_cfg.moe.scoring_func in ("sigmoid", "sqrtsoftplus")
   return setting == "on"
 
 
@@ -36,12 +38,16 @@ def sign_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
 def update_router_biases(router_bias: nnx.State, main_load: jax.Array | None,
                          mtp_loads: list[jax.Array], rate: float,
                          rows: dict[tuple, tuple[int, int]]) -> nnx.State:
-  """New router-bias state. `router_bias` is the model's RouterBias state: each stack's MoE
-  layers ([L, E] under the stack's Block path) and each MTP module's MoE layer ([E] under
-  `mtp/k`). `main_load` float[L_moe, E] counts the tokens routed to each expert of the main
-  model's MoE layers in this step, in the model's routing order; `rows` maps each Block path to
+  """New router-bias state. `router_bias` is the model's non-parameter state (TrainState's):
+  the RouterBias of each stack's MoE layers ([L, E] under the stack's Block path) and of each
+  MTP module's MoE layer ([E] under `mtp/k`), which move; other variables (FrozenTables, e.g.
+  hash layers' tid2eid; hash layers have no bias) stay as they are. `main_load` float[L_moe, E]
+  counts the tokens routed to each expert of the main model's routed layers (hash layers
+  included) in this step, in the model's routing order; `rows` maps each Block path to
   its (first row, rows) there (dsjax.model.pattern.routed_rows); `mtp_loads[k]` float[E]."""
   def update(path, variable):
+    if not isinstance(variable, RouterBias):
+      return variable
     keys = tuple(getattr(k, "key", k) for k in path)
     if keys[0] == "mtp":
       load = mtp_loads[int(keys[1])]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig
-from dsjax.model.param import RouterBias
+from dsjax.model.param import NON_PARAMS
 from dsjax.model.transformer import Transformer
 from dsjax.train.step import TrainState
 
@@ -22,8 +22,11 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy")
 
 
 def split_model(model: Transformer):
-  """(graphdef, params, router_bias) of `model`."""
-  return nnx.split(model, nnx.Param, RouterBias)
+  """(graphdef, params, router_bias) of `model`: its nnx.Param variables, and the rest of its
+  state (dsjax.model.param.NON_PARAMS: RouterBias variables, which the sign rule updates, and
+  FrozenTables such as hash routing's tid2eid, which nothing updates). The rest stays out of
+  gradients and the optimizer; TrainState.router_bias holds it."""
+  return nnx.split(model, nnx.Param, NON_PARAMS)
 
 
 def _new_state(model: Transformer, optimizer, seed) -> tuple[nnx.GraphDef, TrainState]:

@@ -27,7 +27,7 @@ class TrainState(NamedTuple):
   """Everything a resumed run needs besides the data iterator (a pytree of arrays)."""
   step: jax.Array          # int32: steps run, skipped ones included
   params: nnx.State        # nnx.Param variables (fp32 master weights)
-  router_bias: nnx.State   # RouterBias variables, updated by the sign rule
+  router_bias: nnx.State   # RouterBias variables, updated by the sign rule; FrozenTables
   opt_state: Any           # optax state of `params`
   rng: jax.Array           # typed PRNG key, for stochastic parts (sampling, future dropout)
   bad_steps: jax.Array     # int32: consecutive non-finite steps up to now
