@@ -107,3 +107,16 @@ def test_moonlight_is_15_29b_without_embeddings():
   assert mtp == 0 and main == ref["main"]
   assert main - 2 * ref["embed"] == pytest.approx(15.29e9, rel=0.005)
   assert ref["activated"] - 2 * ref["embed"] == pytest.approx(2.24e9, rel=0.01)
+
+
+def test_v4_flash_is_284b_without_mtp():
+  """DeepSeek-V4-Flash: 284B published; dsjax counts every nnx.Param (mHC and compressor
+  position biases included; the MTP block is not built yet)."""
+  model = _abstract_model("deepseek_v4_flash")
+  main, mtp = _param_counts(model)
+  assert mtp == 0
+  assert abs(main - 284e9) / 284e9 < 0.005, main
+  specs = model.config.layer_specs
+  assert [s.attention for s in specs[:5]] == ["v4_sliding", "v4_sliding", "v4_csa", "v4_hca",
+                                              "v4_csa"]
+  assert [s.ffn for s in specs[:4]] == ["hash_moe"] * 3 + ["moe"]
