@@ -86,6 +86,21 @@ def value_and_grad(model, ids, moe_impl=None, scan=None):
   return _value_and_grad(graphdef, params, rest, ids, moe_impl=moe_impl, scan=scan)
 
 
+def _logit_loss(params, rest, graphdef, ids, scan):
+  out = nnx.merge(graphdef, params, rest).forward(ids, scan=scan)
+  return jnp.mean(jax.nn.logsumexp(out.logits, -1) - out.logits[..., 0]), out.logits
+
+
+def scanned_and_unrolled(model, ids):
+  """((logits, grads) scanned, (logits, grads) unrolled) of a loss over the main logits;
+  grads: the nnx.Param gradient state."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  grad = jax.jit(jax.value_and_grad(_logit_loss, has_aux=True), static_argnums=(2, 4))
+  (_, logits1), g1 = grad(params, rest, graphdef, ids, True)
+  (_, logits2), g2 = grad(params, rest, graphdef, ids, False)
+  return (logits1, g1), (logits2, g2)
+
+
 def assert_trees_close(a, b, atol):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=atol)

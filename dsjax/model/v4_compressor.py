@@ -14,6 +14,7 @@ from flax import nnx
 from dsjax.config import ModelConfig, V4AttentionConfig
 from dsjax.model.norm import RMSNorm
 from dsjax.model.param import AXES, normal_param
+from dsjax.ops import dsa as dsa_ops
 from dsjax.ops import v4_attention as v4
 from dsjax.ops.linear import project
 from dsjax.ops.rope import apply_rope, rope_cos_sin
@@ -53,8 +54,9 @@ class Compressor(nnx.Module):
 
 class Indexer(nnx.Module):
   """CSA's lightning indexer: which compressed entries each query attends to. Queries from
-  the attention's q latent (wq_b), keys from its own compressor at index_head_dim, head
-  weights weights_proj(hidden) * index_head_dim^-0.5 * index_n_heads^-0.5."""
+  the attention's q latent (wq_b), keys from its own compressor at index_head_dim, scores
+  sum_h relu(q_h . k * index_head_dim^-0.5) * weights_proj(hidden)_h * index_n_heads^-0.5
+  (DSA's index_scores; relu commutes with the positive scale)."""
 
   def __init__(self, cfg: ModelConfig, v4_cfg: V4AttentionConfig, *, rngs: nnx.Rngs):
     i, e = v4_cfg.index_n_heads, v4_cfg.index_head_dim
@@ -62,7 +64,7 @@ class Indexer(nnx.Module):
     self.wq_b = normal_param(rngs, (v4_cfg.q_lora_rank, i, e), ("q_lora", None, None), std, pdt)
     self.weights_proj = normal_param(rngs, (cfg.hidden_size, i), ("embed", None), std, pdt)
     self.compressor = Compressor(cfg, v4_cfg, e, v4_cfg.csa_rate, True, rngs=rngs)
-    self.scale = (e ** -0.5) * (i ** -0.5)
+    self.head_scale = i ** -0.5
     self.topk = v4_cfg.index_topk
     self.dtype = cfg.dtype
 
@@ -72,5 +74,5 @@ class Indexer(nnx.Module):
     keys = self.compressor(x)
     q = rotate_trailing(project(q_latent, self.wq_b[...].astype(self.dtype)), cos, sin)
     weights = project(x, self.weights_proj[...].astype(self.dtype)).astype(jnp.float32)
-    scores = v4.index_scores(q, keys, weights * self.scale)
-    return v4.top_k_entries(scores, visible, self.topk)
+    scores = dsa_ops.index_scores(q, keys, weights * self.head_scale)
+    return dsa_ops.top_k_mask(scores, visible, self.topk)

@@ -1,8 +1,10 @@
-"""DeepSeek-V4 attention math: window compression, the visibility of compressed entries, the
-lightning indexer's scores over them, and softmax attention with a sink logit per head.
+"""DeepSeek-V4 attention math: window compression, the visibility of compressed entries, and
+softmax attention with a sink logit per head.
 
 Shapes: B batch, T tokens, H query heads, D the single K = V head's dims, W compressed entries,
 m tokens per entry (the compression rate), I indexer heads, E indexer dims.
+
+The indexer's scores and top-k are DSA's (dsjax.ops.dsa.index_scores, top_k_mask).
 
 Compression (one entry per window of m tokens, DeepSeek-V4's compressors):
   HCA (non-overlapping): entry w = sum over window w of softmax_j(gate_j + bias_j) * kv_j.
@@ -50,27 +52,6 @@ def entry_positions(num_entries: int, rate: int, batch: int) -> jax.Array:
 def visible_entries(positions: jax.Array, num_entries: int, rate: int) -> jax.Array:
   """bool[B,T,W]: entry w is complete at query position t (w < (t + 1) // rate)."""
   return jnp.arange(num_entries)[None, None, :] < ((positions + 1) // rate)[..., None]
-
-
-def index_scores(q: jax.Array, keys: jax.Array, weights: jax.Array) -> jax.Array:
-  """The lightning indexer's float32 [B,T,W] = sum_i weights[t,i] * relu(q[t,i] . keys[w])
-  for q [B,T,I,E], keys [B,W,E], weights [B,T,I] (already scaled)."""
-  dots = jnp.einsum("BTIE,BWE->BTIW", q.astype(jnp.float32), keys.astype(jnp.float32))
-  return jnp.einsum("BTIW,BTI->BTW", jax.nn.relu(dots), weights.astype(jnp.float32))
-
-
-def top_k_entries(scores: jax.Array, visible: jax.Array, k: int) -> jax.Array:
-  """bool[B,T,W]: each query's k best visible entries (all visible ones when fewer)."""
-  w = scores.shape[-1]
-  k = min(k, w)
-  if k == w:
-    return visible
-  masked = jnp.where(visible, scores, -jnp.inf)
-  _, chosen = jax.lax.top_k(masked, k)
-  picked = jnp.zeros(scores.shape, bool).at[
-      jnp.arange(scores.shape[0])[:, None, None], jnp.arange(scores.shape[1])[None, :, None],
-      chosen].set(True)
-  return picked & visible
 
 
 def sink_attention(q: jax.Array, kv: jax.Array, visible: jax.Array, sinks: jax.Array,

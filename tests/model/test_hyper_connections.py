@@ -13,7 +13,8 @@ import dsjax
 from dsjax.config import HyperConnectionsConfig
 from dsjax.model.hyper_connections import HyperConnection, HyperHead
 from dsjax.ops import hyper_connections as hc
-from tests.model_fixtures import forward, randomized_model, tiny_config, tokens
+from tests.model_fixtures import (forward, randomized_model, scanned_and_unrolled,
+                                  tiny_config, tokens)
 
 D, N = 16, 4
 
@@ -131,17 +132,9 @@ def mhc_model():
   return randomized_model(tiny_config(mhc=HyperConnectionsConfig(4), num_mtp_layers=0))
 
 
-def _loss(params, rest, graphdef, ids, scan):
-  out = nnx.merge(graphdef, params, rest).forward(ids, scan=scan)
-  return jnp.mean(jax.nn.logsumexp(out.logits, -1) - out.logits[..., 0]), out.logits
-
-
 def test_mhc_model_scanned_equals_unrolled(mhc_model):
-  graphdef, params, rest = nnx.split(mhc_model, nnx.Param, ...)
-  ids = tokens(mhc_model.config, t=16)
-  grad = jax.jit(jax.value_and_grad(_loss, has_aux=True), static_argnums=(2, 4))
-  (_, logits1), g1 = grad(params, rest, graphdef, ids, True)
-  (_, logits2), g2 = grad(params, rest, graphdef, ids, False)
+  (logits1, g1), (logits2, g2) = scanned_and_unrolled(mhc_model,
+                                                      tokens(mhc_model.config, t=16))
   np.testing.assert_allclose(logits1, logits2, atol=1e-5)
   flat1, flat2 = dict(nnx.to_flat_state(g1)), dict(nnx.to_flat_state(g2))
   for path, value in flat1.items():

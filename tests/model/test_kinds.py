@@ -22,7 +22,8 @@ from dsjax.ops.rope import apply_rope, rope_cos_sin
 from dsjax.ops.slots import write_at_slots
 from dsjax.train.setup import build_run
 from dsjax.train.state import init_train_state
-from tests.model_fixtures import forward, randomized_model, tiny_config, tokens
+from tests.model_fixtures import (forward, randomized_model, scanned_and_unrolled,
+                                  tiny_config, tokens)
 from tests.train.experiments import small_experiment
 
 HEAD_DIM = 8
@@ -215,17 +216,8 @@ def test_hybrid_pattern_is_one_scanned_period(hybrid):
   assert [(r.name, len(r.period), r.repeats) for r in runs] == [("layers", 2, 2)]
 
 
-def _loss(params, rest, graphdef, ids, scan):
-  out = nnx.merge(graphdef, params, rest).forward(ids, scan=scan)
-  return jnp.mean(jax.nn.logsumexp(out.logits, -1) - out.logits[..., 0]), out.logits
-
-
 def test_hybrid_scanned_equals_unrolled(hybrid):
-  graphdef, params, rest = nnx.split(hybrid, nnx.Param, ...)
-  ids = tokens(hybrid.config, t=16)
-  grad = jax.jit(jax.value_and_grad(_loss, has_aux=True), static_argnums=(2, 4))
-  (l1, logits1), g1 = grad(params, rest, graphdef, ids, True)
-  (l2, logits2), g2 = grad(params, rest, graphdef, ids, False)
+  (logits1, g1), (logits2, g2) = scanned_and_unrolled(hybrid, tokens(hybrid.config, t=16))
   np.testing.assert_allclose(logits1, logits2, atol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
